@@ -1,0 +1,23 @@
+"""Hydra structured-config schema (`conf/` is composed on top of it)."""
+
+from ernie_platform.configs.schema import (
+    Config,
+    ModelConfig,
+    MoEConfig,
+    RunConfig,
+    TrainerConfig,
+    register_configs,
+    to_model_args,
+    validate_config,
+)
+
+__all__ = [
+    "Config",
+    "ModelConfig",
+    "MoEConfig",
+    "RunConfig",
+    "TrainerConfig",
+    "register_configs",
+    "to_model_args",
+    "validate_config",
+]

@@ -1,0 +1,231 @@
+"""Checkpoints in the transformers / published `baidu/ERNIE-4.5-*-PT` layout (safetensors only).
+
+On disk the routed experts are stored one by one (`mlp.experts.{e}.{gate,up,down}_proj.weight`) and the router bias
+as `mlp.moe_statics.e_score_correction_bias`; in memory they are stacked `w1_EFD`/`w3_EFD`/`w2_EDF` and
+`mlp.gate.e_score_correction_bias`. Loading never unpickles: `.bin`/`.pt` files are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Optional, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ernie_platform.models.config import ErnieModelArgs, MoEConfig
+from ernie_platform.models.ernie import ErnieForCausalLM
+
+log = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_EXPERT_PARAMS = {"w1_EFD": "gate_proj", "w3_EFD": "up_proj", "w2_EDF": "down_proj"}
+_EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Published checkpoints may carry multi-token-prediction heads that the causal LM does not use.
+_IGNORED_PREFIXES = ("mtp", "model.mtp")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory does not match the model it is loaded into."""
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file}: no config.json in checkpoint directory {path}")
+    try:
+        return json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+
+
+def _weight_files(path: Path) -> list[Path]:
+    if (path / INDEX_FILE).is_file():
+        index = json.loads((path / INDEX_FILE).read_text())
+        files = sorted(set(index.get("weight_map", {}).values()))
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{path / INDEX_FILE} names shard(s) that do not exist: {missing}")
+        return [path / f for f in files]
+    if (path / SINGLE_FILE).is_file():
+        return [path / SINGLE_FILE]
+    unsafe = sorted(p.name for p in path.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    hint = f" (found {unsafe}: pickle-based weights are never loaded; convert them to safetensors)" if unsafe else ""
+    raise FileNotFoundError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
+
+
+def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, Any, Path]]:
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                yield key, f, file
+
+
+def _keep_fp32(name: str) -> bool:
+    return name.endswith("mlp.gate.weight") or name.endswith("e_score_correction_bias")
+
+
+def cast_model(model: ErnieForCausalLM, dtype: torch.dtype) -> ErnieForCausalLM:
+    """Cast parameters to `dtype`, keeping the router weight and score-correction bias in fp32."""
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        if p.is_floating_point() and not _keep_fp32(name) and not name.endswith("inv_freq"):
+            p.data = p.data.to(dtype)
+    return model
+
+
+def load_pretrained(
+    path: Union[str, os.PathLike],
+    dtype: Optional[torch.dtype] = None,
+    device: Union[str, torch.device] = "cpu",
+    moe_cfg: Optional[MoEConfig] = None,
+) -> ErnieForCausalLM:
+    """Load a transformers-format ERNIE 4.5 (`ernie4_5` / `ernie4_5_moe`) directory.
+
+    `dtype=None` keeps the dtype recorded in config.json (float32 when none is recorded).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    hf_cfg = _read_config(path)
+    args = ErnieModelArgs.from_hf_dict(hf_cfg, source=str(path / "config.json"))
+    if dtype is None:
+        dtype = _DTYPES.get(str(hf_cfg.get("dtype") or hf_cfg.get("torch_dtype") or "float32"), torch.float32)
+    files = _weight_files(path)
+
+    with torch.device(device):
+        model = ErnieForCausalLM(args, moe_cfg)
+    cast_model(model, dtype)
+    targets = dict(model.named_parameters(remove_duplicate=True))
+    targets.update({k: v for k, v in model.named_buffers() if k in model.state_dict()})
+    if args.tie_word_embeddings:
+        targets.pop("lm_head.weight", None)
+    filled: dict[str, set[int]] = {name: set() for name in targets}
+    unexpected: list[str] = []
+
+    with torch.no_grad():
+        for key, handle, file in _iter_tensors(files):
+            if key.startswith(_IGNORED_PREFIXES) or (args.tie_word_embeddings and key == "lm_head.weight"):
+                continue
+            m = _EXPERT_KEY.match(key)
+            if m:
+                prefix, e, proj = m.group(1), int(m.group(2)), m.group(3)
+                name = f"{prefix}.{[k for k, v in _EXPERT_PARAMS.items() if v == proj][0]}"
+                if name not in targets or e >= targets[name].shape[0]:
+                    unexpected.append(key)
+                    continue
+                dst, slot = targets[name][e], e
+            else:
+                name = key.replace("mlp.moe_statics.e_score_correction_bias", "mlp.gate.e_score_correction_bias")
+                if name not in targets:
+                    unexpected.append(key)
+                    continue
+                dst, slot = targets[name], -1
+            shape = tuple(handle.get_slice(key).get_shape())
+            if shape != tuple(dst.shape):
+                raise CheckpointError(
+                    f"{file}: tensor {key} has shape {list(shape)} but the model expects {list(dst.shape)}"
+                )
+            dst.copy_(handle.get_tensor(key))
+            filled[name].add(slot)
+
+    missing = []
+    for name, slots in filled.items():
+        if any(name.endswith(p) for p in _EXPERT_PARAMS):
+            n = targets[name].shape[0]
+            proj = _EXPERT_PARAMS[name.rsplit(".", 1)[1]]
+            prefix = name.rsplit(".", 1)[0]
+            missing += [f"{prefix}.experts.{e}.{proj}.weight" for e in range(n) if e not in slots]
+        elif not slots:
+            missing.append(name.replace("mlp.gate.e_score_correction_bias", "mlp.moe_statics.e_score_correction_bias"))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors {missing[:20]}{' …' if len(missing) > 20 else ''}")
+        if unexpected:
+            parts.append(f"unexpected tensors {unexpected[:20]}{' …' if len(unexpected) > 20 else ''}")
+        raise CheckpointError(f"{path}: " + "; ".join(parts))
+    model.eval()
+    return model
+
+
+def hf_state_dict(model: ErnieForCausalLM) -> dict[str, torch.Tensor]:
+    """The model's tensors under the published checkpoint names (experts unstacked, tied head dropped)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and model.args.tie_word_embeddings:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in _EXPERT_PARAMS:
+            prefix = name.rsplit(".", 1)[0]
+            for e in range(t.shape[0]):
+                out[f"{prefix}.experts.{e}.{_EXPERT_PARAMS[leaf]}.weight"] = t[e].detach().clone().contiguous()
+        else:
+            key = name.replace("mlp.gate.e_score_correction_bias", "mlp.moe_statics.e_score_correction_bias")
+            out[key] = t.detach().clone().contiguous()
+    return out
+
+
+def save_pretrained(
+    model: ErnieForCausalLM,
+    path: Union[str, os.PathLike],
+    tokenizer: Any = None,
+    max_shard_bytes: int = 5 * 1024**3,
+) -> Path:
+    """Write config.json + safetensors (sharded with an index past `max_shard_bytes`) that transformers loads.
+
+    The directory is assembled beside `path` and swapped in at the end, so an interrupted save never replaces a
+    good checkpoint with a partial one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.cpu() for k, v in hf_state_dict(model).items()}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for k in sorted(tensors):
+            nbytes = tensors[k].numel() * tensors[k].element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][k] = tensors[k]
+            size += nbytes
+        meta = {"format": "pt"}
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / SINGLE_FILE), metadata=meta)
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / fname), metadata=meta)
+                weight_map.update({k: fname for k in shard})
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        cfg = model.args.to_hf_dict()
+        cfg["dtype"] = str(model.model.embed_tokens.weight.dtype).replace("torch.", "")
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        gen = {"bos_token_id": model.args.bos_token_id, "eos_token_id": cfg["eos_token_id"],
+               "pad_token_id": model.args.pad_token_id}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            path.rename(old)
+        tmp.rename(path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path

@@ -1,0 +1,265 @@
+"""ERNIE 4.5 text model (dense 0.3B and MoE 21B-A3B / 300B-A47B) in one small file.
+
+Matches transformers' `Ernie4_5ForCausalLM` / `Ernie4_5_MoeForCausalLM` numerically; parameter names follow the
+published checkpoints except the routed experts, stored stacked as `w1_EFD`/`w3_EFD`/`w2_EDF` for grouped GEMMs
+(`checkpoint.py` maps them to the per-expert layout).
+
+Shape legend: B batch, T tokens, D hidden, H query heads, Hk kv heads, Dh head width, V vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ernie_platform.models.cache import KVCache
+from ernie_platform.models.config import ErnieModelArgs, MoEConfig
+from ernie_platform.models.moe import MoEBlock, SwiGLU
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """ERNIE's RoPE rotates interleaved pairs (dims 2i, 2i+1) by angle pos · θ^(-2i/Dh), computed in fp32."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles_BTd = positions_BT[..., None].float() * self.inv_freq.float()
+        return angles_BTd.cos(), angles_BTd.sin()
+
+
+def apply_rotary(x_BHTD: torch.Tensor, cos_BTd: torch.Tensor, sin_BTd: torch.Tensor) -> torch.Tensor:
+    dtype = x_BHTD.dtype
+    x = x_BHTD.float()
+    x_even, x_odd = x[..., 0::2], x[..., 1::2]
+    cos, sin = cos_BTd.unsqueeze(1), sin_BTd.unsqueeze(1)
+    out = torch.stack((x_even * cos - x_odd * sin, x_odd * cos + x_even * sin), dim=-1).flatten(-2)
+    return out.to(dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention; `mask` is a boolean [B, 1, T, S] (True = attend) or None for plain causal."""
+
+    def __init__(self, args: ErnieModelArgs, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = args.num_attention_heads
+        self.n_kv_heads = args.num_key_value_heads
+        self.head_dim = args.resolved_head_dim
+        d, bias = args.hidden_size, args.use_bias
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=bias)
+
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: Optional[torch.Tensor],
+        cache: Optional[KVCache],
+    ) -> torch.Tensor:
+        b, t, _ = x_BTD.shape
+        q_BHTD = self.q_proj(x_BTD).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k_BHTD = self.k_proj(x_BTD).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v_BHTD = self.v_proj(x_BTD).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q_BHTD, k_BHTD = apply_rotary(q_BHTD, *rope), apply_rotary(k_BHTD, *rope)
+        if cache is not None:
+            k_BHTD, v_BHTD = cache.update(self.layer_idx, k_BHTD, v_BHTD)
+        o_BHTD = F.scaled_dot_product_attention(
+            q_BHTD,
+            k_BHTD,
+            v_BHTD,
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=self.head_dim**-0.5,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return self.o_proj(o_BHTD.transpose(1, 2).reshape(b, t, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ErnieModelArgs, moe_cfg: MoEConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(args, layer_idx)
+        self.mlp: nn.Module
+        if args.is_moe_layer(layer_idx):
+            self.mlp = MoEBlock(args, moe_cfg)
+        else:
+            self.mlp = SwiGLU(args.hidden_size, args.intermediate_size, bias=args.use_bias)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: Optional[torch.Tensor],
+        cache: Optional[KVCache],
+        token_mask_BT: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), rope, mask, cache)
+        h_BTD = self.post_attention_layernorm(x_BTD)
+        if isinstance(self.mlp, MoEBlock):
+            return x_BTD + self.mlp(h_BTD, token_mask_BT)
+        return x_BTD + self.mlp(h_BTD)
+
+
+@dataclass
+class ErnieOutput:
+    logits: torch.Tensor  # [B, T, V] (or the last `logits_to_keep` positions)
+    loss: Optional[torch.Tensor] = None  # lm_loss + router_loss (training) when labels are given
+    lm_loss: Optional[torch.Tensor] = None  # mean next-token cross-entropy over labelled tokens
+    router_loss: Optional[torch.Tensor] = None  # coefficient-weighted router losses (training only)
+    router_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # unweighted, mean over MoE layers
+    expert_load: Optional[torch.Tensor] = None  # [L_moe, E] tokens routed to each expert in this forward
+
+
+class ErnieModel(nn.Module):
+    def __init__(self, args: ErnieModelArgs, moe_cfg: MoEConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size, padding_idx=args.pad_token_id)
+        self.layers = nn.ModuleList([DecoderLayer(args, moe_cfg, i) for i in range(args.num_hidden_layers)])
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(args.resolved_head_dim, args.rope_theta)
+
+
+class ErnieForCausalLM(nn.Module):
+    """Causal LM; calling it with `input_ids` [B, T] returns an `ErnieOutput` whose `.logits` is [B, T, V]."""
+
+    def __init__(self, args: ErnieModelArgs, moe_cfg: Optional[MoEConfig] = None):
+        super().__init__()
+        self.args = args
+        self.moe_cfg = moe_cfg or MoEConfig()
+        self.model = ErnieModel(args, self.moe_cfg)
+        # transformers' dense Ernie4_5ForCausalLM never has an lm_head bias; the MoE one follows use_bias.
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=args.use_bias and args.is_moe)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.reset_parameters()
+
+    # ---- construction --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.args.initializer_range
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=std)
+                if m.padding_idx is not None:
+                    m.weight[m.padding_idx].zero_()
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+            elif isinstance(m, MoEBlock):
+                for w in (m.w1_EFD, m.w3_EFD, m.w2_EDF, m.gate.weight):
+                    nn.init.normal_(w, std=std)
+                m.gate.e_score_correction_bias.zero_()
+
+    def moe_blocks(self) -> list[MoEBlock]:
+        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoEBlock)]
+
+    # ---- forward -------------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        cache: Optional[KVCache] = None,
+        logits_to_keep: int = 0,
+    ) -> ErnieOutput:
+        """`attention_mask` [B, T]: 1 for real tokens, 0 for padding. With `cache`, the T tokens are appended to
+        each row (right-padded) and positions continue from each row's cached length."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        b, t = input_ids.shape
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
+            )
+        mask: Optional[torch.Tensor] = None
+        if cache is not None:
+            new_mask_BT = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            slots_BT = cache.begin(new_mask_BT)
+            mask = cache.attention_mask(slots_BT)
+            if position_ids is None:
+                position_ids = slots_BT
+        else:
+            if position_ids is None:
+                position_ids = torch.arange(t, device=input_ids.device).unsqueeze(0).expand(b, t)
+            if attention_mask is not None and not bool(attention_mask.all()):
+                idx = torch.arange(t, device=input_ids.device)
+                causal_TT = idx.view(-1, 1) >= idx.view(1, -1)
+                mask = (causal_TT & attention_mask.bool()[:, None, :]) | torch.eye(
+                    t, dtype=torch.bool, device=input_ids.device
+                )
+                mask = mask.unsqueeze(1)
+
+        rope = self.model.rotary_emb(position_ids)
+        x_BTD = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x_BTD = layer(x_BTD, rope, mask, cache, attention_mask)
+        if cache is not None:
+            cache.end()
+        x_BTD = self.model.norm(x_BTD)
+        if logits_to_keep:
+            x_BTD = x_BTD[:, -logits_to_keep:]
+        logits = self.lm_head(x_BTD)
+
+        out = ErnieOutput(logits=logits)
+        blocks = self.moe_blocks()
+        if blocks:
+            out.expert_load = torch.stack([blk.last_expert_load_E for blk in blocks])
+            if blocks[0].last_router_losses:
+                out.router_losses = {
+                    name: torch.stack([blk.last_router_losses[name] for blk in blocks]).mean()
+                    for name in ("load_balance", "z", "orthogonal")
+                }
+                c = self.moe_cfg
+                out.router_loss = (
+                    c.aux_loss_coef * out.router_losses["load_balance"]
+                    + c.z_loss_coef * out.router_losses["z"]
+                    + c.orthogonal_loss_coef * out.router_losses["orthogonal"]
+                )
+        if labels is not None:
+            if logits_to_keep:
+                raise ValueError("labels and logits_to_keep cannot be combined")
+            out.lm_loss = causal_lm_loss(logits, labels)
+            out.loss = out.lm_loss if out.router_loss is None else out.lm_loss + out.router_loss
+        return out
+
+    @torch.no_grad()
+    def update_expert_bias(self, rate: Optional[float] = None) -> None:
+        """Aux-loss-free balancing step for every MoE layer (call after the optimizer step)."""
+        rate = self.moe_cfg.bias_update_rate if rate is None else rate
+        for blk in self.moe_blocks():
+            blk.update_bias(rate)
+
+
+def causal_lm_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross-entropy of token t+1 given tokens ≤ t; labels aligned with input_ids as in transformers."""
+    shift_logits = logits_BTV[:, :-1].reshape(-1, logits_BTV.shape[-1]).float()
+    shift_labels = labels_BT[:, 1:].reshape(-1)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index)

@@ -1,0 +1,1 @@
+"""Runnable jobs: `python -m workloads.pretrain`, later `workloads.posttrain` and `workloads.serve`."""

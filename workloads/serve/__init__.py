@@ -1,0 +1,1 @@
+"""Ray Serve deployment with an OpenAI-compatible API. Not implemented yet: lands with issue #6."""
