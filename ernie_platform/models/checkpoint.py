@@ -209,12 +209,16 @@ def save_pretrained(
                 save_file(shard, str(tmp / fname), metadata=meta)
                 weight_map.update({k: fname for k in shard})
             total = sum(t.numel() * t.element_size() for t in tensors.values())
-            (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
         cfg = model.args.to_hf_dict()
         cfg["dtype"] = str(model.model.embed_tokens.weight.dtype).replace("torch.", "")
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        gen = {"bos_token_id": model.args.bos_token_id, "eos_token_id": cfg["eos_token_id"],
-               "pad_token_id": model.args.pad_token_id}
+        gen = {
+            "bos_token_id": model.args.bos_token_id,
+            "eos_token_id": cfg["eos_token_id"],
+            "pad_token_id": model.args.pad_token_id,
+        }
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))

@@ -16,15 +16,56 @@ from typing import Any, List, Optional
 
 # Keys of a transformers config.json that are bookkeeping, not architecture: accepted and ignored on load.
 _IGNORED_HF_KEYS = {
-    "architectures", "auto_map", "dtype", "torch_dtype", "transformers_version", "use_cache", "output_router_logits",
-    "router_aux_loss_coef", "_name_or_path", "model_type", "rope_scaling", "rope_parameters", "rope_theta",
-    "moe_capacity", "moe_gate", "moe_use_aux_free", "num_nextn_predict_layers", "use_rmsnorm", "is_quantized",
-    "quantization_config", "compression_ratio", "use_flash_attention", "fuse_attn_ffn", "fuse_rope",
-    "fuse_swiglu", "use_fast_ln", "weight_share_add_bias", "freq_allocation", "multi_token_pred_lambda",
-    "generation_config", "tensor_parallel_degree", "tensor_parallel_rank", "sequence_parallel", "moe_group",
-    "moe_multimodal_dispatch_use_allgather", "moe_layer_feed_forward", "use_moe", "moe_use_bpr", "moe_dropout_prob",
-    "moe_aux_loss_lambda", "moe_z_loss_lambda", "moe_orthogonal_loss_lambda", "pretraining_tp", "attention_dropout",
-    "hidden_dropout_prob", "attention_probs_dropout_prob", "num_labels", "id2label", "label2id", "problem_type",
+    "architectures",
+    "auto_map",
+    "dtype",
+    "torch_dtype",
+    "transformers_version",
+    "use_cache",
+    "output_router_logits",
+    "router_aux_loss_coef",
+    "_name_or_path",
+    "model_type",
+    "rope_scaling",
+    "rope_parameters",
+    "rope_theta",
+    "moe_capacity",
+    "moe_gate",
+    "moe_use_aux_free",
+    "num_nextn_predict_layers",
+    "use_rmsnorm",
+    "is_quantized",
+    "quantization_config",
+    "compression_ratio",
+    "use_flash_attention",
+    "fuse_attn_ffn",
+    "fuse_rope",
+    "fuse_swiglu",
+    "use_fast_ln",
+    "weight_share_add_bias",
+    "freq_allocation",
+    "multi_token_pred_lambda",
+    "generation_config",
+    "tensor_parallel_degree",
+    "tensor_parallel_rank",
+    "sequence_parallel",
+    "moe_group",
+    "moe_multimodal_dispatch_use_allgather",
+    "moe_layer_feed_forward",
+    "use_moe",
+    "moe_use_bpr",
+    "moe_dropout_prob",
+    "moe_aux_loss_lambda",
+    "moe_z_loss_lambda",
+    "moe_orthogonal_loss_lambda",
+    "pretraining_tp",
+    "attention_dropout",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "num_labels",
+    "id2label",
+    "label2id",
+    "problem_type",
 }
 
 
@@ -120,7 +161,7 @@ class ErnieModelArgs:
         """Build from a transformers/ERNIE `config.json` dict; unknown architecture keys are an error."""
         model_type = d.get("model_type")
         if model_type not in ("ernie4_5", "ernie4_5_moe"):
-            raise ValueError(f"{source}: model_type={model_type!r} is not supported (expected ernie4_5 or ernie4_5_moe)")
+            raise ValueError(f"{source}: model_type={model_type!r} is not supported (expected ernie4_5/ernie4_5_moe)")
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         unknown = []

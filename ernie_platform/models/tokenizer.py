@@ -92,5 +92,5 @@ def load_tokenizer(path: Optional[Union[str, os.PathLike]] = None):
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer directory {path} does not exist")
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        raise FileNotFoundError(f"{path}: no tokenizer files (tokenizer.json, tokenizer_config.json or tokenizer.model)")
+        raise FileNotFoundError(f"{path}: no tokenizer files (tokenizer.json, tokenizer_config.json, tokenizer.model)")
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)

@@ -56,7 +56,10 @@ def run_smoke(cfg: DictConfig) -> dict[str, Any]:
     counts = count_params(model.args)
     log.info(
         "stage=%s model=%s params total=%.2fM active=%.2fM; staged Ray Train/DeepSpeed pretraining lands with issue 5",
-        cfg.stage, cfg.model.name, counts.total / 1e6, counts.active / 1e6,
+        cfg.stage,
+        cfg.model.name,
+        counts.total / 1e6,
+        counts.active / 1e6,
     )
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.95))
@@ -82,12 +85,26 @@ def run_smoke(cfg: DictConfig) -> dict[str, Any]:
             extra = ""
             if out.router_losses:
                 extra = f" load_balance={out.router_losses['load_balance'].item():.3f}"
-            log.info("step %d/%d lm_loss=%.4f grad_norm=%.3f lr=%.2e%s", step + 1, t.max_steps, lm,
-                     float(grad_norm), opt.param_groups[0]["lr"], extra)
+            log.info(
+                "step %d/%d lm_loss=%.4f grad_norm=%.3f lr=%.2e%s",
+                step + 1,
+                t.max_steps,
+                lm,
+                float(grad_norm),
+                opt.param_groups[0]["lr"],
+                extra,
+            )
     elapsed = time.time() - start
     export = Path(cfg.run.storage_path) / cfg.run.name / "export"
     save_pretrained(model, export, tokenizer=tokenizer)
     tokens = t.max_steps * t.grad_accum_steps * t.micro_batch_size * t.seq_len
-    log.info("done: %d steps in %.1fs (%.0f tokens/s); first loss %.4f, last loss %.4f; export at %s",
-             t.max_steps, elapsed, tokens / max(elapsed, 1e-9), losses[0], losses[-1], export)
+    log.info(
+        "done: %d steps in %.1fs (%.0f tokens/s); first loss %.4f, last loss %.4f; export at %s",
+        t.max_steps,
+        elapsed,
+        tokens / max(elapsed, 1e-9),
+        losses[0],
+        losses[-1],
+        export,
+    )
     return {"losses": losses, "export": str(export), "seconds": elapsed}
