@@ -52,8 +52,11 @@ def plan_routing(topk_idx_TK: torch.Tensor, topk_w_TK: torch.Tensor, num_experts
     )
 
 
-def _grouped_mm_supported(x: torch.Tensor) -> bool:
+def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     if not hasattr(F, "grouped_mm"):
+        return False
+    # grouped_mm needs 16-byte aligned row strides for both operands and the output.
+    if any(n * x.element_size() % 16 for n in (x.shape[-1], w.shape[-2])):
         return False
     if x.device.type == "cuda":
         return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
@@ -69,7 +72,7 @@ def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
 
 def _grouped_linear(x_ND: torch.Tensor, w_EOI: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
     """Per-expert x @ w[e].T over contiguous segments: [N, I] x [E, O, I] → [N, O]."""
-    if _grouped_mm_supported(x_ND):
+    if _grouped_mm_supported(x_ND, w_EOI):
         offs_E = torch.cumsum(tokens_per_expert_E, 0).to(torch.int32)
         return _contiguous_grad(F.grouped_mm(x_ND, w_EOI.transpose(-2, -1), offs=offs_E))
     outs = []
@@ -116,6 +119,9 @@ def _experts_eager(
         h = F.silu(x @ w1_EFD[e].T) * (x @ w3_EFD[e].T)
         y = (h @ w2_EDF[e].T) * topk_w_TK[token_idx, k_idx].unsqueeze(-1).to(x_TD.dtype)
         y_TD = y_TD.index_add(0, token_idx, y)
+    if x_TD.shape[0] == 0:
+        # keep the (empty) result on the autograd graph, as the other backends do
+        y_TD = y_TD + 0 * (x_TD.sum() + w1_EFD.sum() + w3_EFD.sum() + w2_EDF.sum() + topk_w_TK.sum())
     return y_TD
 
 

@@ -58,7 +58,7 @@ def _run(backend: str, x, idx, w, w1, w3, w2, seed: int = 1):
     return y.detach(), [t.grad for t in leaves]
 
 
-# (T, D, E, F, K); D and F multiples of 4 (see the xfail below for other widths).
+# (T, D, E, F, K); D and F multiples of 4 take grouped_mm on CPU, other widths the per-expert loop (tested below).
 SHAPES = [
     (1, 8, 2, 4, 1),
     (7, 8, 4, 12, 1),  # K = 1
@@ -135,13 +135,6 @@ def test_torch_backend_float64_loop_path() -> None:
     torch.testing.assert_close(y_eager, ref, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="kernels/moe.py _grouped_mm_supported picks F.grouped_mm for any CPU fp32 input, but CPU grouped_mm "
-    "needs 16-byte-aligned strides: D or F not a multiple of 4 raises 'strides should be multiple of 16 bytes' "
-    "instead of falling back to the per-expert loop",
-)
 @pytest.mark.parametrize("shape", [(4, 6, 3, 8, 2), (4, 8, 3, 5, 2)], ids=["D6", "F5"])
 def test_torch_backend_unaligned_widths(shape) -> None:
     t, d, e, f, k = shape
@@ -167,12 +160,6 @@ def test_eager_backend_zero_tokens_forward() -> None:
     assert y.shape == (0, 8)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="kernels/moe.py _experts_eager returns torch.zeros_like(x) unconnected to the graph when T=0, so "
-    "backward of y.sum() raises 'element 0 of tensors does not require grad' (the torch backend returns zero grads)",
-)
 def test_eager_backend_zero_tokens_backward() -> None:
     x, idx, w, w1, w3, w2 = _inputs(0, 8, 3, 8, 2)
     leaves = [t.clone().requires_grad_(True) for t in (x, w, w1, w3, w2)]

@@ -124,7 +124,8 @@ class MoEBlock(nn.Module):
         with torch.no_grad():
             load_E = torch.bincount(topk_idx_TK.reshape(-1), minlength=self.num_experts)
             self.last_expert_load_E = load_E
-            self.load_since_update_E += load_E.float()
+            if self.training:  # evaluation and generation must not steer the aux-free bias
+                self.load_since_update_E += load_E.float()
         if torch.is_grad_enabled() and self.training:
             self.last_router_losses = {
                 "load_balance": load_balance_loss(probs_TE, topk_idx_TK),
