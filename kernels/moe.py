@@ -9,19 +9,21 @@ Pipeline: routing indices `topk_idx_TK` → per-expert token counts `tokens_per_
 the N (token, k) pairs grouped by expert → SwiGLU expert MLP over the contiguous per-expert segments → weighted
 un-permute and combine back to token order. No capacity factor: every pair is computed.
 
-Expert weights use nn.Linear's [out, in] layout so one expert's slice is exactly the published checkpoint tensor:
-    w1_EFD = gate_proj, w3_EFD = up_proj, w2_EDF = down_proj.
+Expert weights use nn.Linear's [out, in] layout, gate and up fused into one GEMM as transformers does:
+    w13_E2FD[e] = cat(gate_proj[e], up_proj[e])   w2_EDF[e] = down_proj[e]
 
 Backends:
-    torch  grouped GEMM via torch.nn.functional.grouped_mm where the device/dtype supports it, else a loop over
-           experts (never over tokens) on the contiguous segments.
-    eager  a plain per-expert loop with masks; the reference in tests.
+    torch       a custom autograd function over grouped GEMMs (`F.grouped_mm` where the device, dtype and alignment
+                allow it, else one GEMM per expert segment — never a loop over tokens). Backward recomputes the
+                SwiGLU activation from the saved [N, 2F] pre-activations and gets the combine-weight gradient from
+                the down projection's input side, so neither the activation nor the [N, D] expert outputs are kept.
+    eager       the plain per-expert masked loop under autograd; the reference in tests.
+    megablocks  MegaBlocks' grouped GEMM (CUDA only; optional install, see docs/kernels.md).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
@@ -52,101 +54,205 @@ def plan_routing(topk_idx_TK: torch.Tensor, topk_w_TK: torch.Tensor, num_experts
     )
 
 
-def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
+# ---- grouped GEMM primitives ---------------------------------------------------------------------------------------
+
+
+def _use_grouped_mm(*tensors: torch.Tensor) -> bool:
     if not hasattr(F, "grouped_mm"):
         return False
-    # grouped_mm needs 16-byte aligned row strides for both operands and the output.
-    if any(n * x.element_size() % 16 for n in (x.shape[-1], w.shape[-2])):
+    t = tensors[0]
+    if t.device.type == "cuda":
+        return t.dtype == torch.bfloat16 and torch.cuda.get_device_capability(t.device)[0] >= 9
+    if t.device.type != "cpu" or t.dtype != torch.float32:
         return False
-    if x.device.type == "cuda":
-        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
-    return x.device.type == "cpu" and x.dtype == torch.float32
+    # grouped_mm needs 16-byte aligned row strides on every operand.
+    return all(s * t.element_size() % 16 == 0 for x in tensors for s in x.shape[-2:])
 
 
-def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
-    # grouped_mm's CPU backward rejects expanded (stride-0) gradients, e.g. from a .sum() loss.
-    if t.requires_grad:
-        t.register_hook(lambda g: g.contiguous())
-    return t
-
-
-def _grouped_linear(x_ND: torch.Tensor, w_EOI: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-    """Per-expert x @ w[e].T over contiguous segments: [N, I] x [E, O, I] → [N, O]."""
-    if _grouped_mm_supported(x_ND, w_EOI):
-        offs_E = torch.cumsum(tokens_per_expert_E, 0).to(torch.int32)
-        return _contiguous_grad(F.grouped_mm(x_ND, w_EOI.transpose(-2, -1), offs=offs_E))
-    outs = []
-    start = 0
-    for e, n in enumerate(tokens_per_expert_E.tolist()):
+def _segments(counts_E: list[int]) -> list[tuple[int, int, int]]:
+    out, start = [], 0
+    for e, n in enumerate(counts_E):
         if n:
-            outs.append(x_ND[start : start + n] @ w_EOI[e].T)
-            start += n
-    if not outs:
-        return x_ND.new_zeros(0, w_EOI.shape[1])
-    return torch.cat(outs)
+            out.append((e, start, start + n))
+        start += n
+    return out
 
 
-def _experts_torch(
-    x_TD: torch.Tensor,
-    topk_idx_TK: torch.Tensor,
-    topk_w_TK: torch.Tensor,
-    w1_EFD: torch.Tensor,
-    w3_EFD: torch.Tensor,
-    w2_EDF: torch.Tensor,
-) -> torch.Tensor:
-    plan = plan_routing(topk_idx_TK, topk_w_TK, w1_EFD.shape[0])
-    x_ND = x_TD[plan.token_N]
-    counts = plan.tokens_per_expert_E
-    h_NF = F.silu(_grouped_linear(x_ND, w1_EFD, counts)) * _grouped_linear(x_ND, w3_EFD, counts)
-    y_ND = _grouped_linear(h_NF, w2_EDF, counts) * plan.weight_N.unsqueeze(-1).to(x_TD.dtype)
-    return torch.zeros_like(x_TD).index_add_(0, plan.token_N, y_ND)
+def gmm_nt(x_NI: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """out[seg e] = x[seg e] @ w[e]ᵀ: [N, I] × [E, O, I] → [N, O]."""
+    if _use_grouped_mm(x_NI, w_EOI):
+        offs = torch.cumsum(counts_E, 0).to(torch.int32)
+        return F.grouped_mm(x_NI, w_EOI.transpose(-2, -1), offs=offs)
+    out = x_NI.new_empty(x_NI.shape[0], w_EOI.shape[1])
+    for e, a, b in _segments(counts):
+        torch.mm(x_NI[a:b], w_EOI[e].T, out=out[a:b])
+    return out
 
 
-def _experts_eager(
-    x_TD: torch.Tensor,
-    topk_idx_TK: torch.Tensor,
-    topk_w_TK: torch.Tensor,
-    w1_EFD: torch.Tensor,
-    w3_EFD: torch.Tensor,
-    w2_EDF: torch.Tensor,
-) -> torch.Tensor:
+def gmm_nn(x_NO: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """out[seg e] = x[seg e] @ w[e]: [N, O] × [E, O, I] → [N, I] (the input-gradient of `gmm_nt`)."""
+    if _use_grouped_mm(x_NO, w_EOI):
+        offs = torch.cumsum(counts_E, 0).to(torch.int32)
+        return F.grouped_mm(x_NO, w_EOI, offs=offs)
+    out = x_NO.new_empty(x_NO.shape[0], w_EOI.shape[2])
+    for e, a, b in _segments(counts):
+        torch.mm(x_NO[a:b], w_EOI[e], out=out[a:b])
+    return out
+
+
+def gmm_tn(g_NO: torch.Tensor, x_NI: torch.Tensor, counts_E: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """out[e] = g[seg e]ᵀ @ x[seg e]: [N, O] × [N, I] → [E, O, I] (the weight-gradient of `gmm_nt`)."""
+    num_experts = len(counts)
+    if _use_grouped_mm(g_NO, x_NI):
+        offs = torch.cumsum(counts_E, 0).to(torch.int32)
+        return F.grouped_mm(g_NO.T, x_NI, offs=offs)
+    out = g_NO.new_zeros(num_experts, g_NO.shape[1], x_NI.shape[1])
+    for e, a, b in _segments(counts):
+        torch.mm(g_NO[a:b].T, x_NI[a:b], out=out[e])
+    return out
+
+
+# ---- torch backend: fused autograd function ------------------------------------------------------------------------
+
+
+class _GroupedSwiGLU(torch.autograd.Function):
+    """y_TD = Σ_pairs w_N · (silu(x W1ᵀ) ⊙ x W3ᵀ) W2ᵀ scattered to tokens, with a memory-lean backward."""
+
+    @staticmethod
+    def forward(ctx, x_TD, weight_N, w13_E2FD, w2_EDF, token_N, counts_E):  # type: ignore[override]
+        counts = counts_E.tolist()
+        f = w2_EDF.shape[-1]
+        x_ND = x_TD.index_select(0, token_N)
+        h_N2F = gmm_nt(x_ND, w13_E2FD, counts_E, counts)
+        a_NF = F.silu(h_N2F[:, :f]) * h_N2F[:, f:]
+        y_ND = gmm_nt(a_NF, w2_EDF, counts_E, counts)
+        y_ND.mul_(weight_N.unsqueeze(-1).to(y_ND.dtype))
+        out_TD = torch.zeros_like(x_TD).index_add_(0, token_N, y_ND)
+        ctx.save_for_backward(x_TD, weight_N, w13_E2FD, w2_EDF, token_N, counts_E, h_N2F)
+        ctx.counts = counts
+        return out_TD
+
+    @staticmethod
+    def backward(ctx, g_TD):  # type: ignore[override]
+        x_TD, weight_N, w13_E2FD, w2_EDF, token_N, counts_E, h_N2F = ctx.saved_tensors
+        counts = ctx.counts
+        f = w2_EDF.shape[-1]
+        g_ND = g_TD.contiguous().index_select(0, token_N)
+        gate_NF, up_NF = h_N2F[:, :f], h_N2F[:, f:]
+        sig_NF = torch.sigmoid(gate_NF)
+        silu_NF = gate_NF * sig_NF
+        a_NF = silu_NF * up_NF  # recomputed instead of saved
+        # d(y·w)/da = w · g W2: the unweighted product also gives the combine-weight gradient <g W2, a>.
+        ga_NF = gmm_nn(g_ND, w2_EDF, counts_E, counts)
+        grad_weight_N = (ga_NF * a_NF).sum(-1).to(weight_N.dtype)
+        w_N1 = weight_N.unsqueeze(-1).to(ga_NF.dtype)
+        ga_NF.mul_(w_N1)
+        grad_w2 = gmm_tn(g_ND * w_N1, a_NF, counts_E, counts)
+        dh_N2F = torch.cat((ga_NF * up_NF * sig_NF * (1 + gate_NF * (1 - sig_NF)), ga_NF * silu_NF), dim=-1)
+        x_ND = x_TD.index_select(0, token_N)
+        grad_w13 = gmm_tn(dh_N2F, x_ND, counts_E, counts)
+        grad_x_TD = torch.zeros_like(x_TD).index_add_(0, token_N, gmm_nn(dh_N2F, w13_E2FD, counts_E, counts))
+        return grad_x_TD, grad_weight_N, grad_w13, grad_w2, None, None
+
+
+def _experts_torch(x_TD, topk_idx_TK, topk_w_TK, w13_E2FD, w2_EDF) -> torch.Tensor:
+    plan = plan_routing(topk_idx_TK, topk_w_TK, w13_E2FD.shape[0])
+    return _GroupedSwiGLU.apply(x_TD, plan.weight_N, w13_E2FD, w2_EDF, plan.token_N, plan.tokens_per_expert_E)
+
+
+# ---- eager reference -----------------------------------------------------------------------------------------------
+
+
+def _experts_eager(x_TD, topk_idx_TK, topk_w_TK, w13_E2FD, w2_EDF) -> torch.Tensor:
+    f = w2_EDF.shape[-1]
     y_TD = torch.zeros_like(x_TD)
-    for e in range(w1_EFD.shape[0]):
+    for e in range(w13_E2FD.shape[0]):
         token_idx, k_idx = torch.where(topk_idx_TK == e)
         if token_idx.numel() == 0:
             continue
         x = x_TD[token_idx]
-        h = F.silu(x @ w1_EFD[e].T) * (x @ w3_EFD[e].T)
-        y = (h @ w2_EDF[e].T) * topk_w_TK[token_idx, k_idx].unsqueeze(-1).to(x_TD.dtype)
-        y_TD = y_TD.index_add(0, token_idx, y)
+        h = x @ w13_E2FD[e].T
+        y = (F.silu(h[:, :f]) * h[:, f:]) @ w2_EDF[e].T
+        y_TD = y_TD.index_add(0, token_idx, y * topk_w_TK[token_idx, k_idx].unsqueeze(-1).to(x_TD.dtype))
     if x_TD.shape[0] == 0:
         # keep the (empty) result on the autograd graph, as the other backends do
-        y_TD = y_TD + 0 * (x_TD.sum() + w1_EFD.sum() + w3_EFD.sum() + w2_EDF.sum() + topk_w_TK.sum())
+        y_TD = y_TD + 0 * (x_TD.sum() + w13_E2FD.sum() + w2_EDF.sum() + topk_w_TK.sum())
     return y_TD
+
+
+# ---- megablocks (optional, CUDA) -----------------------------------------------------------------------------------
+
+MEGABLOCKS_INSTALL = (
+    "pip install --no-deps megablocks grouped_gemm stanford-stk (next to the installed torch; see docs/kernels.md)"
+)
+
+
+def _experts_megablocks(x_TD, topk_idx_TK, topk_w_TK, w13_E2FD, w2_EDF) -> torch.Tensor:
+    if x_TD.device.type != "cuda":
+        raise RuntimeError(
+            f"moe.backend=megablocks needs CUDA tensors, got device {x_TD.device}; use moe.backend=torch on CPU"
+        )
+    try:
+        import grouped_gemm.ops as gg  # MegaBlocks' grouped GEMM kernels
+    except ImportError as e:
+        raise RuntimeError(
+            f"moe.backend=megablocks: MegaBlocks is not installed ({e}); install with: {MEGABLOCKS_INSTALL}"
+        ) from e
+    plan = plan_routing(topk_idx_TK, topk_w_TK, w13_E2FD.shape[0])
+    f = w2_EDF.shape[-1]
+    batch_sizes = plan.tokens_per_expert_E.cpu()
+    x_ND = x_TD.index_select(0, plan.token_N)
+    h_N2F = gg.gmm(x_ND, w13_E2FD, batch_sizes, trans_b=True)
+    a_NF = F.silu(h_N2F[:, :f]) * h_N2F[:, f:]
+    y_ND = gg.gmm(a_NF, w2_EDF, batch_sizes, trans_b=True) * plan.weight_N.unsqueeze(-1).to(x_TD.dtype)
+    return torch.zeros_like(x_TD).index_add(0, plan.token_N, y_ND)
+
+
+# ---- entry point ---------------------------------------------------------------------------------------------------
 
 
 def moe_experts(
     x_TD: torch.Tensor,
     topk_idx_TK: torch.Tensor,
     topk_w_TK: torch.Tensor,
-    w1_EFD: torch.Tensor,
-    w3_EFD: torch.Tensor,
+    w13_E2FD: torch.Tensor,
     w2_EDF: torch.Tensor,
     backend: str = "torch",
 ) -> torch.Tensor:
-    """Σ_k w[t,k] · SwiGLU_{idx[t,k]}(x[t]) for every token t, with no token dropped."""
-    if x_TD.dim() != 2 or topk_idx_TK.shape != topk_w_TK.shape or topk_idx_TK.shape[0] != x_TD.shape[0]:
+    """Σ_k w[t,k] · SwiGLU_{idx[t,k]}(x[t]) for every token t, with no token dropped.
+
+    For two expert pools (e.g. the VL model's text and vision experts, possibly of different widths F), call once
+    per pool with that pool's tokens and weights.
+    """
+    e, two_f, d = w13_E2FD.shape if w13_E2FD.dim() == 3 else (None, None, None)
+    if (
+        x_TD.dim() != 2
+        or topk_idx_TK.dim() != 2
+        or topk_idx_TK.shape != topk_w_TK.shape
+        or topk_idx_TK.shape[0] != x_TD.shape[0]
+        or e is None
+        or d != x_TD.shape[1]
+        or two_f % 2
+        or tuple(w2_EDF.shape) != (e, d, two_f // 2)
+    ):
         raise ValueError(
-            f"moe_experts: expected x_TD [T, D] and topk_idx_TK/topk_w_TK [T, K], got x_TD {tuple(x_TD.shape)}, "
-            f"topk_idx_TK {tuple(topk_idx_TK.shape)}, topk_w_TK {tuple(topk_w_TK.shape)}"
+            "moe_experts: expected x_TD [T, D], topk_idx_TK/topk_w_TK [T, K], w13_E2FD [E, 2F, D], w2_EDF [E, D, F]; "
+            f"got x_TD {tuple(x_TD.shape)}, topk_idx_TK {tuple(topk_idx_TK.shape)}, topk_w_TK {tuple(topk_w_TK.shape)}, "
+            f"w13_E2FD {tuple(w13_E2FD.shape)}, w2_EDF {tuple(w2_EDF.shape)}"
         )
     if backend == "torch":
-        return _experts_torch(x_TD, topk_idx_TK, topk_w_TK, w1_EFD, w3_EFD, w2_EDF)
+        return _experts_torch(x_TD, topk_idx_TK, topk_w_TK, w13_E2FD, w2_EDF)
     if backend == "eager":
-        return _experts_eager(x_TD, topk_idx_TK, topk_w_TK, w1_EFD, w3_EFD, w2_EDF)
+        return _experts_eager(x_TD, topk_idx_TK, topk_w_TK, w13_E2FD, w2_EDF)
     if backend == "megablocks":
-        raise RuntimeError(
-            "moe.backend=megablocks is not available yet: the MegaBlocks backend (CUDA only, installed by a "
-            "separate documented step) lands with the kernels issue; use moe.backend=torch"
-        )
+        return _experts_megablocks(x_TD, topk_idx_TK, topk_w_TK, w13_E2FD, w2_EDF)
     raise ValueError(f"moe.backend={backend!r} is not one of {BACKENDS}")
+
+
+def expert_flops(num_pairs: int, hidden: int, ffn: int, backward: bool = True) -> float:
+    """Matmul FLOPs of the expert MLPs for `num_pairs` routed pairs (forward, or forward + backward)."""
+    fwd = 2.0 * num_pairs * hidden * ffn * 3
+    return 3 * fwd if backward else fwd
+
+
+__all__ = ["BACKENDS", "MEGABLOCKS_INSTALL", "RoutingPlan", "expert_flops", "moe_experts", "plan_routing"]

@@ -106,7 +106,7 @@ def test_bf16_load_keeps_router_fp32(ckpt: Path) -> None:
     model = load_pretrained(ckpt, dtype=torch.bfloat16)
     blk = model.moe_blocks()[0]
     assert blk.gate.weight.dtype == torch.float32 and blk.gate.e_score_correction_bias.dtype == torch.float32
-    assert blk.w1_EFD.dtype == torch.bfloat16 and model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert blk.w13_E2FD.dtype == torch.bfloat16 and model.model.embed_tokens.weight.dtype == torch.bfloat16
     out = model(torch.randint(3, 64, (1, 5)))
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits.float()).all()
     assert json.loads(save_pretrained(model, ckpt.parent / "bf16").joinpath("config.json").read_text())[

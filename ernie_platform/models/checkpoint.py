@@ -1,7 +1,7 @@
 """Checkpoints in the transformers / published `baidu/ERNIE-4.5-*-PT` layout (safetensors only).
 
 On disk the routed experts are stored one by one (`mlp.experts.{e}.{gate,up,down}_proj.weight`) and the router bias
-as `mlp.moe_statics.e_score_correction_bias`; in memory they are stacked `w1_EFD`/`w3_EFD`/`w2_EDF` and
+as `mlp.moe_statics.e_score_correction_bias`; in memory they are stacked `w13_E2FD` (gate ‖ up) / `w2_EDF` and
 `mlp.gate.e_score_correction_bias`. Loading never unpickles: `.bin`/`.pt` files are refused.
 """
 
@@ -27,7 +27,17 @@ log = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-_EXPERT_PARAMS = {"w1_EFD": "gate_proj", "w3_EFD": "up_proj", "w2_EDF": "down_proj"}
+_EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
+_EXPERT_LEAVES = ("w13_E2FD", "w2_EDF")
+
+
+def _expert_slot(stacked: dict[str, torch.Tensor], prefix: str, e: int, proj: str) -> torch.Tensor | None:
+    """The view of expert `e`'s `proj` weight inside the stacked parameters of MoE layer `prefix` (None: no such)."""
+    w13, w2 = stacked.get(f"{prefix}.w13_E2FD"), stacked.get(f"{prefix}.w2_EDF")
+    if w13 is None or w2 is None or not 0 <= e < w13.shape[0]:
+        return None
+    f = w2.shape[-1]
+    return {"gate_proj": w13[e, :f], "up_proj": w13[e, f:], "down_proj": w2[e]}[proj]
 _EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Published checkpoints may carry multi-token-prediction heads that the causal LM does not use.
@@ -108,7 +118,7 @@ def load_pretrained(
     targets.update({k: v for k, v in model.named_buffers() if k in model.state_dict()})
     if args.tie_word_embeddings:
         targets.pop("lm_head.weight", None)
-    filled: dict[str, set[int]] = {name: set() for name in targets}
+    filled: set[str] = set()
     unexpected: list[str] = []
 
     with torch.no_grad():
@@ -117,35 +127,22 @@ def load_pretrained(
                 continue
             m = _EXPERT_KEY.match(key)
             if m:
-                prefix, e, proj = m.group(1), int(m.group(2)), m.group(3)
-                name = f"{prefix}.{[k for k, v in _EXPERT_PARAMS.items() if v == proj][0]}"
-                if name not in targets or e >= targets[name].shape[0]:
-                    unexpected.append(key)
-                    continue
-                dst, slot = targets[name][e], e
+                dst = _expert_slot(targets, m.group(1), int(m.group(2)), m.group(3))
             else:
                 name = key.replace("mlp.moe_statics.e_score_correction_bias", "mlp.gate.e_score_correction_bias")
-                if name not in targets:
-                    unexpected.append(key)
-                    continue
-                dst, slot = targets[name], -1
+                dst = None if name.endswith(_EXPERT_LEAVES) else targets.get(name)
+            if dst is None:
+                unexpected.append(key)
+                continue
             shape = tuple(handle.get_slice(key).get_shape())
             if shape != tuple(dst.shape):
                 raise CheckpointError(
                     f"{file}: tensor {key} has shape {list(shape)} but the model expects {list(dst.shape)}"
                 )
             dst.copy_(handle.get_tensor(key))
-            filled[name].add(slot)
+            filled.add(key)
 
-    missing = []
-    for name, slots in filled.items():
-        if any(name.endswith(p) for p in _EXPERT_PARAMS):
-            n = targets[name].shape[0]
-            proj = _EXPERT_PARAMS[name.rsplit(".", 1)[1]]
-            prefix = name.rsplit(".", 1)[0]
-            missing += [f"{prefix}.experts.{e}.{proj}.weight" for e in range(n) if e not in slots]
-        elif not slots:
-            missing.append(name.replace("mlp.gate.e_score_correction_bias", "mlp.moe_statics.e_score_correction_bias"))
+    missing = [k for k in _expected_keys(model) if k not in filled]
     if missing or unexpected:
         parts = []
         if missing:
@@ -157,17 +154,36 @@ def load_pretrained(
     return model
 
 
+def _expected_keys(model: ErnieForCausalLM) -> list[str]:
+    keys = []
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and model.args.tie_word_embeddings:
+            continue
+        prefix, leaf = name.rsplit(".", 1)
+        if leaf == "w13_E2FD":
+            for e in range(t.shape[0]):
+                keys += [f"{prefix}.experts.{e}.{proj}.weight" for proj in _EXPERT_PROJS]
+        elif leaf != "w2_EDF":
+            keys.append(name.replace("mlp.gate.e_score_correction_bias", "mlp.moe_statics.e_score_correction_bias"))
+    return keys
+
+
 def hf_state_dict(model: ErnieForCausalLM) -> dict[str, torch.Tensor]:
     """The model's tensors under the published checkpoint names (experts unstacked, tied head dropped)."""
     out: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict().items():
         if name == "lm_head.weight" and model.args.tie_word_embeddings:
             continue
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf in _EXPERT_PARAMS:
-            prefix = name.rsplit(".", 1)[0]
-            for e in range(t.shape[0]):
-                out[f"{prefix}.experts.{e}.{_EXPERT_PARAMS[leaf]}.weight"] = t[e].detach().clone().contiguous()
+        prefix, _, leaf = name.rpartition(".")
+        if leaf in _EXPERT_LEAVES:
+            if leaf == "w13_E2FD":
+                f = t.shape[1] // 2
+                for e in range(t.shape[0]):
+                    out[f"{prefix}.experts.{e}.gate_proj.weight"] = t[e, :f].detach().clone().contiguous()
+                    out[f"{prefix}.experts.{e}.up_proj.weight"] = t[e, f:].detach().clone().contiguous()
+            else:
+                for e in range(t.shape[0]):
+                    out[f"{prefix}.experts.{e}.down_proj.weight"] = t[e].detach().clone().contiguous()
         else:
             key = name.replace("mlp.gate.e_score_correction_bias", "mlp.moe_statics.e_score_correction_bias")
             out[key] = t.detach().clone().contiguous()

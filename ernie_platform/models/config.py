@@ -248,3 +248,5 @@ class MoEConfig:
     orthogonal_loss_coef: float = 0.0  # ERNIE router orthogonal loss, off by default
     # Aux-loss-free balancing: after each training step bias += rate * sign(mean load - load); 0 disables.
     bias_update_rate: float = 0.0
+    # Experts of each MoE layer split across this many ranks (kernels.expert_parallel); 1 = every rank holds all.
+    expert_parallel_size: int = 1

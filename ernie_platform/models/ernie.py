@@ -1,7 +1,7 @@
 """ERNIE 4.5 text model (dense 0.3B and MoE 21B-A3B / 300B-A47B) in one small file.
 
 Matches transformers' `Ernie4_5ForCausalLM` / `Ernie4_5_MoeForCausalLM` numerically; parameter names follow the
-published checkpoints except the routed experts, stored stacked as `w1_EFD`/`w3_EFD`/`w2_EDF` for grouped GEMMs
+published checkpoints except the routed experts, stored stacked as `w13_E2FD` (gate ‖ up) / `w2_EDF` for grouped GEMMs
 (`checkpoint.py` maps them to the per-expert layout).
 
 Shape legend: B batch, T tokens, D hidden, H query heads, Hk kv heads, Dh head width, V vocab.
@@ -173,7 +173,7 @@ class ErnieForCausalLM(nn.Module):
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
             elif isinstance(m, MoEBlock):
-                for w in (m.w1_EFD, m.w3_EFD, m.w2_EDF, m.gate.weight):
+                for w in (m.w13_E2FD, m.w2_EDF, m.gate.weight):
                     nn.init.normal_(w, std=std)
                 m.gate.e_score_correction_bias.zero_()
 

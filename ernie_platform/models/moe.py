@@ -90,12 +90,14 @@ class MoEBlock(nn.Module):
         self.num_experts = e
         self.backend = moe_cfg.backend
         self.gate = Router(d, e, args.moe_k, args.moe_norm_min)
-        self.w1_EFD = nn.Parameter(torch.empty(e, f, d))  # gate_proj per expert
-        self.w3_EFD = nn.Parameter(torch.empty(e, f, d))  # up_proj per expert
-        self.w2_EDF = nn.Parameter(torch.empty(e, d, f))  # down_proj per expert
+        self.w13_E2FD = nn.Parameter(torch.empty(e, 2 * f, d))  # per expert: cat(gate_proj, up_proj)
+        self.w2_EDF = nn.Parameter(torch.empty(e, d, f))  # per expert: down_proj
         self.shared_experts: Optional[SwiGLU] = None
         if args.moe_num_shared_experts > 0:
             self.shared_experts = SwiGLU(d, f * args.moe_num_shared_experts, bias=args.use_bias)
+        # Set by kernels.expert_parallel when moe.expert_parallel_size > 1: w13_E2FD/w2_EDF then hold only this
+        # rank's experts and tokens travel to the rank holding their expert and back.
+        self.expert_parallel: Optional[nn.Module] = None
         # Statistics of the latest forward, read by the trainer (logging, aux-free balancing, expert placement).
         self.last_expert_load_E: Optional[torch.Tensor] = None
         self.last_router_losses: dict[str, torch.Tensor] = {}
@@ -105,7 +107,10 @@ class MoEBlock(nn.Module):
         b, t, d = x_BTD.shape
         x_TD = x_BTD.reshape(-1, d)
         logits_TE, probs_TE, topk_idx_TK, topk_w_TK = self.gate(x_TD)
-        y_TD = moe_experts(x_TD, topk_idx_TK, topk_w_TK, self.w1_EFD, self.w3_EFD, self.w2_EDF, self.backend)
+        if self.expert_parallel is not None:
+            y_TD = self.expert_parallel(x_TD, topk_idx_TK, topk_w_TK, self.w13_E2FD, self.w2_EDF, self.backend)
+        else:
+            y_TD = moe_experts(x_TD, topk_idx_TK, topk_w_TK, self.w13_E2FD, self.w2_EDF, self.backend)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
         self._record_stats(logits_TE, probs_TE, topk_idx_TK, token_mask_BT)
