@@ -23,7 +23,10 @@ Backends:
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable, Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -57,13 +60,22 @@ def plan_routing(topk_idx_TK: torch.Tensor, topk_w_TK: torch.Tensor, num_experts
 # ---- grouped GEMM primitives ---------------------------------------------------------------------------------------
 
 
+# How CPU grouped GEMMs run: "threads" splits the expert segments over the intra-op threads, each GEMM
+# single-threaded (small per-expert GEMMs scale badly when MKL splits each one over cores); "grouped_mm" uses
+# F.grouped_mm (one multi-threaded GEMM per expert inside); "loop" is one multi-threaded GEMM per expert from Python.
+CPU_GEMM_MODES = ("threads", "grouped_mm", "loop")
+cpu_gemm_mode = "threads"
+_pool: Optional[ThreadPoolExecutor] = None
+
+
 def _use_grouped_mm(*tensors: torch.Tensor) -> bool:
     if not hasattr(F, "grouped_mm"):
         return False
     t = tensors[0]
     if t.device.type == "cuda":
-        return t.dtype == torch.bfloat16 and torch.cuda.get_device_capability(t.device)[0] >= 9
-    if t.device.type != "cpu" or t.dtype != torch.float32:
+        if t.dtype != torch.bfloat16 or torch.cuda.get_device_capability(t.device)[0] < 9:
+            return False
+    elif t.device.type != "cpu" or t.dtype != torch.float32 or cpu_gemm_mode != "grouped_mm":
         return False
     # grouped_mm needs 16-byte aligned row strides on every operand.
     return all(s * t.element_size() % 16 == 0 for x in tensors for s in x.shape[-2:])
@@ -78,14 +90,54 @@ def _segments(counts_E: list[int]) -> list[tuple[int, int, int]]:
     return out
 
 
+def _for_each_segment(
+    segments: list[tuple[int, int, int]], fn: Callable[[int, int, int], None], device: torch.device
+) -> None:
+    """Run fn(e, start, end) for every expert segment, on CPU spread over the intra-op threads."""
+    global _pool
+    n_threads = torch.get_num_threads()
+    if device.type != "cpu" or cpu_gemm_mode != "threads" or n_threads <= 1 or len(segments) < 2:
+        for seg in segments:
+            fn(*seg)
+        return
+    # Greedy balance of rows (∝ FLOPs) over threads; the caller's thread takes the first bucket.
+    buckets: list[list[tuple[int, int, int]]] = [[] for _ in range(n_threads)]
+    loads = [0] * n_threads
+    for seg in sorted(segments, key=lambda sg: sg[1] - sg[2]):
+        i = loads.index(min(loads))
+        buckets[i].append(seg)
+        loads[i] += seg[2] - seg[1]
+    if _pool is None or _pool._max_workers != n_threads - 1:
+        _pool = ThreadPoolExecutor(n_threads - 1, thread_name_prefix="moe-gemm")
+
+    grad_enabled = torch.is_grad_enabled()  # grad mode is thread-local: carry the caller's into the pool
+
+    def run(bucket: list[tuple[int, int, int]]) -> None:
+        with torch.set_grad_enabled(grad_enabled):
+            for seg in bucket:
+                fn(*seg)
+
+    # Process-wide for MKL, so each GEMM runs on one core while the buckets run side by side. Not reentrant: two
+    # threads running MoE layers at once in one process would fight over it (training and serving don't).
+    torch.set_num_threads(1)
+    try:
+        futures = [_pool.submit(run, b) for b in buckets[1:] if b]
+        run(buckets[0])
+        for fut in futures:
+            fut.result()
+    finally:
+        torch.set_num_threads(n_threads)
+
+
 def gmm_nt(x_NI: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """out[seg e] = x[seg e] @ w[e]ᵀ: [N, I] × [E, O, I] → [N, O]."""
     if _use_grouped_mm(x_NI, w_EOI):
         offs = torch.cumsum(counts_E, 0).to(torch.int32)
         return F.grouped_mm(x_NI, w_EOI.transpose(-2, -1), offs=offs)
     out = x_NI.new_empty(x_NI.shape[0], w_EOI.shape[1])
-    for e, a, b in _segments(counts):
-        torch.mm(x_NI[a:b], w_EOI[e].T, out=out[a:b])
+    _for_each_segment(
+        _segments(counts), lambda e, a, b: torch.mm(x_NI[a:b], w_EOI[e].T, out=out[a:b]), x_NI.device
+    )
     return out
 
 
@@ -95,20 +147,17 @@ def gmm_nn(x_NO: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tensor, coun
         offs = torch.cumsum(counts_E, 0).to(torch.int32)
         return F.grouped_mm(x_NO, w_EOI, offs=offs)
     out = x_NO.new_empty(x_NO.shape[0], w_EOI.shape[2])
-    for e, a, b in _segments(counts):
-        torch.mm(x_NO[a:b], w_EOI[e], out=out[a:b])
+    _for_each_segment(_segments(counts), lambda e, a, b: torch.mm(x_NO[a:b], w_EOI[e], out=out[a:b]), x_NO.device)
     return out
 
 
 def gmm_tn(g_NO: torch.Tensor, x_NI: torch.Tensor, counts_E: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """out[e] = g[seg e]ᵀ @ x[seg e]: [N, O] × [N, I] → [E, O, I] (the weight-gradient of `gmm_nt`)."""
-    num_experts = len(counts)
     if _use_grouped_mm(g_NO, x_NI):
         offs = torch.cumsum(counts_E, 0).to(torch.int32)
         return F.grouped_mm(g_NO.T, x_NI, offs=offs)
-    out = g_NO.new_zeros(num_experts, g_NO.shape[1], x_NI.shape[1])
-    for e, a, b in _segments(counts):
-        torch.mm(g_NO[a:b].T, x_NI[a:b], out=out[e])
+    out = g_NO.new_zeros(len(counts), g_NO.shape[1], x_NI.shape[1])
+    _for_each_segment(_segments(counts), lambda e, a, b: torch.mm(g_NO[a:b].T, x_NI[a:b], out=out[e]), g_NO.device)
     return out
 
 
@@ -188,9 +237,15 @@ MEGABLOCKS_INSTALL = (
 
 
 def _experts_megablocks(x_TD, topk_idx_TK, topk_w_TK, w13_E2FD, w2_EDF) -> torch.Tensor:
-    if x_TD.device.type != "cuda":
+    devices = {t.device.type for t in (x_TD, w13_E2FD, w2_EDF)}
+    if devices != {"cuda"}:
         raise RuntimeError(
-            f"moe.backend=megablocks needs CUDA tensors, got device {x_TD.device}; use moe.backend=torch on CPU"
+            f"moe.backend=megablocks needs CUDA tensors, got devices {sorted(devices)}; use moe.backend=torch on CPU"
+        )
+    if {x_TD.dtype, w13_E2FD.dtype, w2_EDF.dtype} != {torch.bfloat16}:
+        raise RuntimeError(
+            "moe.backend=megablocks runs bf16 only (grouped_gemm kernels); got "
+            f"x {x_TD.dtype}, w13 {w13_E2FD.dtype}, w2 {w2_EDF.dtype}"
         )
     try:
         import grouped_gemm.ops as gg  # MegaBlocks' grouped GEMM kernels
@@ -237,8 +292,14 @@ def moe_experts(
     ):
         raise ValueError(
             "moe_experts: expected x_TD [T, D], topk_idx_TK/topk_w_TK [T, K], w13_E2FD [E, 2F, D], w2_EDF [E, D, F]; "
-            f"got x_TD {tuple(x_TD.shape)}, topk_idx_TK {tuple(topk_idx_TK.shape)}, topk_w_TK {tuple(topk_w_TK.shape)}, "
+            f"got x_TD {tuple(x_TD.shape)}, topk_idx_TK {tuple(topk_idx_TK.shape)}, "
+            f"topk_w_TK {tuple(topk_w_TK.shape)}, "
             f"w13_E2FD {tuple(w13_E2FD.shape)}, w2_EDF {tuple(w2_EDF.shape)}"
+        )
+    if topk_idx_TK.numel() and (int(topk_idx_TK.min()) < 0 or int(topk_idx_TK.max()) >= e):
+        raise ValueError(
+            f"moe_experts: expert ids must be in [0, {e}), "
+            f"got min {int(topk_idx_TK.min())} max {int(topk_idx_TK.max())}"
         )
     if backend == "torch":
         return _experts_torch(x_TD, topk_idx_TK, topk_w_TK, w13_E2FD, w2_EDF)
