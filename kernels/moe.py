@@ -219,13 +219,15 @@ def _experts_torch(x_TD, topk_idx_TK, topk_w_TK, w13_E2FD, w2_EDF) -> torch.Tens
 def _experts_eager(x_TD, topk_idx_TK, topk_w_TK, w13_E2FD, w2_EDF) -> torch.Tensor:
     f = w2_EDF.shape[-1]
     y_TD = torch.zeros_like(x_TD)
+    # unbind once: indexing w[e] per expert would make autograd zero-fill and sum E full-size weight gradients
+    w13_list, w2_list = w13_E2FD.unbind(0), w2_EDF.unbind(0)
     for e in range(w13_E2FD.shape[0]):
         token_idx, k_idx = torch.where(topk_idx_TK == e)
         if token_idx.numel() == 0:
             continue
         x = x_TD[token_idx]
-        h = x @ w13_E2FD[e].T
-        y = (F.silu(h[:, :f]) * h[:, f:]) @ w2_EDF[e].T
+        h = x @ w13_list[e].T
+        y = (F.silu(h[:, :f]) * h[:, f:]) @ w2_list[e].T
         y_TD = y_TD.index_add(0, token_idx, y * topk_w_TK[token_idx, k_idx].unsqueeze(-1).to(x_TD.dtype))
     if x_TD.shape[0] == 0:
         # keep the (empty) result on the autograd graph, as the other backends do
