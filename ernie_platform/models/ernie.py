@@ -97,6 +97,33 @@ class Attention(nn.Module):
         return self.o_proj(o_BHTD.transpose(1, 2).reshape(b, t, -1))
 
 
+def build_attention_mask(
+    b: int,
+    t: int,
+    device: torch.device,
+    attention_mask: Optional[torch.Tensor],
+    cache: Optional[KVCache],
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Boolean attention mask [B, 1, T, S] (None: plain causal) and, with a cache, the new tokens' slots [B, T].
+
+    With a cache the T new tokens are appended to each row (right-padded, `attention_mask` marks the real ones).
+    Without one, padding keys are masked; a padding query still sees itself so its unused output stays finite.
+    """
+    if attention_mask is not None and attention_mask.shape != (b, t):
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != tokens shape {(b, t)}")
+    if cache is not None:
+        if attention_mask is None:
+            attention_mask = torch.ones(b, t, dtype=torch.long, device=device)
+        slots_BT = cache.begin(attention_mask)
+        return cache.attention_mask(slots_BT), slots_BT
+    if attention_mask is None or bool(attention_mask.all()):
+        return None, None
+    idx = torch.arange(t, device=device)
+    causal_TT = idx.view(-1, 1) >= idx.view(1, -1)
+    mask = (causal_TT & attention_mask.bool()[:, None, :]) | torch.eye(t, dtype=torch.bool, device=device)
+    return mask.unsqueeze(1), None
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, args: ErnieModelArgs, moe_cfg: MoEConfig, layer_idx: int):
         super().__init__()
@@ -195,27 +222,9 @@ class ErnieForCausalLM(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         b, t = input_ids.shape
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
-            )
-        mask: Optional[torch.Tensor] = None
-        if cache is not None:
-            new_mask_BT = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-            slots_BT = cache.begin(new_mask_BT)
-            mask = cache.attention_mask(slots_BT)
-            if position_ids is None:
-                position_ids = slots_BT
-        else:
-            if position_ids is None:
-                position_ids = torch.arange(t, device=input_ids.device).unsqueeze(0).expand(b, t)
-            if attention_mask is not None and not bool(attention_mask.all()):
-                idx = torch.arange(t, device=input_ids.device)
-                causal_TT = idx.view(-1, 1) >= idx.view(1, -1)
-                mask = (causal_TT & attention_mask.bool()[:, None, :]) | torch.eye(
-                    t, dtype=torch.bool, device=input_ids.device
-                )
-                mask = mask.unsqueeze(1)
+        mask, slots_BT = build_attention_mask(b, t, input_ids.device, attention_mask, cache)
+        if position_ids is None:
+            position_ids = slots_BT if slots_BT is not None else torch.arange(t, device=input_ids.device).expand(b, t)
 
         rope = self.model.rotary_emb(position_ids)
         x_BTD = self.model.embed_tokens(input_ids)
