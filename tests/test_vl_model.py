@@ -98,3 +98,67 @@ def test_placeholder_count_mismatch_is_a_clear_error(pair) -> None:
     inputs["pixel_values"] = inputs["pixel_values"][:16]
     with pytest.raises(ValueError, match=r"6 image placeholder tokens \(id 60\) in input_ids but 4 image embeddings"):
         ours(**inputs)
+
+
+def test_load_transformers_checkpoint_and_save_back(pair, tmp_path) -> None:
+    from transformers import AutoModelForImageTextToText
+
+    from ernie_platform.models import load_pretrained, save_pretrained
+
+    ref, _ = pair
+    ref.save_pretrained(tmp_path / "hf")
+    ours = load_pretrained(tmp_path / "hf")
+    assert isinstance(ours, ErnieVLForConditionalGeneration)
+    inputs = _prompt([1, 4, 6])
+    text_only = torch.randint(3, 50, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**inputs).logits, ref(**inputs).logits, rtol=0, atol=TOL)
+        torch.testing.assert_close(ours(text_only).logits, ref(input_ids=text_only).logits, rtol=0, atol=TOL)
+    save_pretrained(ours, tmp_path / "ours")
+    back = AutoModelForImageTextToText.from_pretrained(tmp_path / "ours").eval()
+    assert type(back).__name__ == "Ernie4_5_VLMoeForConditionalGeneration"
+    with torch.no_grad():
+        torch.testing.assert_close(back(**inputs).logits, ref(**inputs).logits, rtol=0, atol=TOL)
+    again = load_pretrained(tmp_path / "ours")
+    for (n1, p1), (n2, p2) in zip(ours.state_dict().items(), again.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+
+
+def test_vl_checkpoint_errors_name_the_tensor(pair, tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from ernie_platform.models import CheckpointError, load_pretrained
+
+    ref, _ = pair
+    ref.save_pretrained(tmp_path / "hf")
+    f = tmp_path / "hf" / "model.safetensors"
+    tensors = load_file(str(f))
+    tensors.pop("model.layers.1.mlp.experts.5.up_proj.weight")
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"missing tensors \['model.layers.1.mlp.experts.5.up_proj.weight'\]"):
+        load_pretrained(tmp_path / "hf")
+
+
+def test_batch_mixing_image_prompt_and_text_only_prompt(pair) -> None:
+    ref, ours = pair
+    img = _prompt([1, 4, 6])
+    length = img["input_ids"].shape[1]
+    text = torch.zeros(1, length, dtype=torch.long)
+    text[0, :5] = torch.randint(3, 50, (5,))
+    mask = torch.ones(2, length, dtype=torch.long)
+    mask[1, 5:] = 0  # the text-only row is right-padded
+    batch = dict(
+        input_ids=torch.cat([img["input_ids"], text]),
+        attention_mask=mask,
+        mm_token_type_ids=torch.cat([img["mm_token_type_ids"], torch.zeros_like(text)]),
+        moe_mm_token_type_ids=torch.cat([img["moe_mm_token_type_ids"], torch.zeros_like(text)]),
+        pixel_values=img["pixel_values"],
+        image_grid_thw=img["image_grid_thw"],
+    )
+    with torch.no_grad():
+        expected = ref(**batch).logits
+        got = ours(**batch).logits
+        alone = ours(text[:, :5]).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], rtol=0, atol=TOL)
+    torch.testing.assert_close(got[1, :5], alone[0], rtol=0, atol=1e-5)  # batching does not change a row

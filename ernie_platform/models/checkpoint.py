@@ -106,10 +106,16 @@ def load_pretrained(
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     hf_cfg = _read_config(path)
-    args = ErnieModelArgs.from_hf_dict(hf_cfg, source=str(path / "config.json"))
     if dtype is None:
         dtype = _DTYPES.get(str(hf_cfg.get("dtype") or hf_cfg.get("torch_dtype") or "float32"), torch.float32)
     files = _weight_files(path)
+    if hf_cfg.get("model_type") == "ernie4_5_vl_moe":
+        from ernie_platform.models.vl.checkpoint import load_vl_pretrained
+
+        tensors = {key: handle.get_tensor(key) for key, handle, _ in _iter_tensors(files)}
+        backend = moe_cfg.backend if moe_cfg is not None else None
+        return load_vl_pretrained(path, hf_cfg, tensors, dtype, device, backend)
+    args = ErnieModelArgs.from_hf_dict(hf_cfg, source=str(path / "config.json"))
 
     with torch.device(device):
         model = ErnieForCausalLM(args, moe_cfg)
@@ -203,7 +209,15 @@ def save_pretrained(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.cpu() for k, v in hf_state_dict(model).items()}
+    from ernie_platform.models.vl.model import ErnieVLForConditionalGeneration
+
+    is_vl = isinstance(model, ErnieVLForConditionalGeneration)
+    if is_vl:
+        from ernie_platform.models.vl.checkpoint import vl_config_json, vl_hf_state_dict
+
+        tensors = {k: v.cpu() for k, v in vl_hf_state_dict(model).items()}
+    else:
+        tensors = {k: v.cpu() for k, v in hf_state_dict(model).items()}
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         shards: list[dict[str, torch.Tensor]] = [{}]
@@ -227,15 +241,18 @@ def save_pretrained(
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
-        cfg = model.args.to_hf_dict()
-        cfg["dtype"] = str(model.model.embed_tokens.weight.dtype).replace("torch.", "")
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        gen = {
-            "bos_token_id": model.args.bos_token_id,
-            "eos_token_id": cfg["eos_token_id"],
-            "pad_token_id": model.args.pad_token_id,
-        }
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        if is_vl:
+            (tmp / "config.json").write_text(vl_config_json(model))
+        else:
+            cfg = model.args.to_hf_dict()
+            cfg["dtype"] = str(model.model.embed_tokens.weight.dtype).replace("torch.", "")
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+            gen = {
+                "bos_token_id": model.args.bos_token_id,
+                "eos_token_id": cfg["eos_token_id"],
+                "pad_token_id": model.args.pad_token_id,
+            }
+            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         old = None
