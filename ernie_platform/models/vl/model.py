@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ernie_platform.models.cache import KVCache
-from ernie_platform.models.ernie import causal_lm_loss
+from ernie_platform.models.config import MoEConfig
 from ernie_platform.models.vl.text import VLTextArgs, VLTextModel
 from ernie_platform.models.vl.vision import (
     ResamplerConfig,
@@ -65,10 +66,32 @@ class ErnieVLConfig:
 @dataclass
 class ErnieVLOutput:
     logits: torch.Tensor
-    loss: Optional[torch.Tensor] = None
-    lm_loss: Optional[torch.Tensor] = None
-    router_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # per modality, mean over MoE layers
+    loss: Optional[torch.Tensor] = None  # what to backpropagate: LM loss (token-balanced if asked) + router_loss
+    lm_loss: Optional[torch.Tensor] = None  # per-token mean next-token cross-entropy (the value to log)
+    router_loss: Optional[torch.Tensor] = None  # coefficient-weighted sum over both modalities (training only)
+    router_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # "text/z", …: mean over MoE layers
     position_ids: Optional[torch.Tensor] = None  # the [3, B, T] positions used
+
+
+def token_balanced_lm_loss(
+    logits_BTV: torch.Tensor, labels_BT: torch.Tensor, token_budget: Optional[int] = None, ignore_index: int = -100
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to backpropagate, per-token mean to log) of next-token prediction.
+
+    ERNIE's multimodal token-balanced loss: with `token_budget`, the summed loss is divided by that fixed number
+    instead of the batch's count of loss tokens, so every loss token weighs the same whatever the batch holds (a batch
+    whose image tokens leave few text targets no longer scales its text tokens up). Without it, both are the mean.
+    """
+    shift_logits = logits_BTV[:, :-1].reshape(-1, logits_BTV.shape[-1]).float()
+    shift_labels = labels_BT[:, 1:].reshape(-1)
+    per_token = F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index, reduction="none")
+    n = (shift_labels != ignore_index).sum()
+    mean = per_token.sum() / n.clamp(min=1)
+    if token_budget is None:
+        return mean, mean
+    if token_budget <= 0:
+        raise ValueError(f"token_budget={token_budget} must be positive")
+    return per_token.sum() / token_budget, mean
 
 
 class ErnieVLModel(nn.Module):
@@ -80,10 +103,11 @@ class ErnieVLModel(nn.Module):
 
 
 class ErnieVLForConditionalGeneration(nn.Module):
-    def __init__(self, cfg: ErnieVLConfig, backend: str = "torch"):
+    def __init__(self, cfg: ErnieVLConfig, backend: Optional[str] = None, moe_cfg: Optional[MoEConfig] = None):
         super().__init__()
         self.cfg = cfg
-        self.model = ErnieVLModel(cfg, backend)
+        self.moe_cfg = moe_cfg or MoEConfig()
+        self.model = ErnieVLModel(cfg, backend or self.moe_cfg.backend)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
@@ -151,7 +175,9 @@ class ErnieVLForConditionalGeneration(nn.Module):
         labels: Optional[torch.Tensor] = None,
         cache: Optional[KVCache] = None,
         logits_to_keep: int = 0,
+        token_budget: Optional[int] = None,
     ) -> ErnieVLOutput:
+        """`token_budget`: normalise the LM loss's gradient by this fixed token count (see token_balanced_lm_loss)."""
         lm = self.model.language_model
         x_BTD = lm.embed_tokens(input_ids)
         for values, grid, token_id, what in (
@@ -204,7 +230,11 @@ class ErnieVLForConditionalGeneration(nn.Module):
             k: torch.stack([blk.last_router_losses[k] for blk in blocks if k in blk.last_router_losses]).mean()
             for k in names
         }
+        if out.router_losses:
+            c = self.moe_cfg
+            coef = {"load_balance": c.aux_loss_coef, "z": c.z_loss_coef, "orthogonal": c.orthogonal_loss_coef}
+            out.router_loss = sum(coef[k.split("/")[1]] * v for k, v in out.router_losses.items())
         if labels is not None:
-            out.lm_loss = causal_lm_loss(out.logits, labels)
-            out.loss = out.lm_loss
+            loss, out.lm_loss = token_balanced_lm_loss(out.logits, labels, token_budget)
+            out.loss = loss if out.router_loss is None else loss + out.router_loss
         return out
