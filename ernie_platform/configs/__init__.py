@@ -6,8 +6,10 @@ from ernie_platform.configs.schema import (
     MoEConfig,
     RunConfig,
     TrainerConfig,
+    VisionSchema,
     register_configs,
     to_model_args,
+    to_vl_config,
     validate_config,
 )
 
@@ -17,7 +19,9 @@ __all__ = [
     "MoEConfig",
     "RunConfig",
     "TrainerConfig",
+    "VisionSchema",
     "register_configs",
     "to_model_args",
+    "to_vl_config",
     "validate_config",
 ]

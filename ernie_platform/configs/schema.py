@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from ernie_platform.models.config import ErnieModelArgs, MoEConfig
+
+if TYPE_CHECKING:
+    from ernie_platform.models.vl.model import ErnieVLConfig
 
 __all__ = [
     "Config",
@@ -23,20 +26,54 @@ __all__ = [
     "MoEConfig",
     "RunConfig",
     "TrainerConfig",
+    "VisionSchema",
     "register_configs",
     "to_model_args",
+    "to_vl_config",
     "validate_config",
 ]
 
 
 @dataclass
+class VisionSchema:
+    """Vision tower of an ERNIE-4.5-VL model (`model.vision`); field names follow `VisionConfig`."""
+
+    depth: int = 32
+    hidden_size: int = 1280
+    intermediate_size: int = 5120
+    num_heads: int = 16
+    patch_size: int = 14
+    spatial_merge_size: int = 2
+    temporal_merge_size: int = 2
+    in_channels: int = 3
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-6
+
+
+@dataclass
 class ModelConfig(ErnieModelArgs):
-    """Schema of the `model` group: the architecture plus where it comes from."""
+    """Schema of the `model` group: the architecture plus where it comes from.
+
+    A VL (ERNIE-4.5-VL) model sets `vision`; its text side is the ErnieModelArgs fields, with
+    `moe_intermediate_size` the text-expert width and `moe_intermediate_size_vision` the vision-expert width
+    (`to_vl_config` builds the `ErnieVLConfig`). `vision: null` (the default) is a text-only model and the VL-only
+    fields below are then ignored.
+    """
 
     name: str = "ernie45_demo_moe"
     # Checkpoint directory (transformers layout). When set, the architecture is read from its config.json and the
     # architecture fields of this node are ignored.
     path: Optional[str] = None
+    # ---- VL only (ignored when vision is None) ----
+    vision: Optional[VisionSchema] = None
+    moe_intermediate_size_vision: int = 0
+    mrope_section: List[int] = field(default_factory=lambda: [22, 22, 20])  # [h, w, t] rotary pairs
+    image_token_id: int = 100295
+    image_start_token_id: int = 101304
+    image_end_token_id: int = 101305
+    video_token_id: int = 103367
+    video_start_token_id: int = 101306
+    video_end_token_id: int = 101307
 
 
 @dataclass
@@ -90,6 +127,104 @@ def to_model_args(cfg_model: Any) -> ErnieModelArgs:
     return ErnieModelArgs.from_mapping(cfg_model)
 
 
+def _plain(cfg_model: Any) -> dict[str, Any]:
+    if isinstance(cfg_model, DictConfig):
+        return dict(OmegaConf.to_container(cfg_model, resolve=True))  # type: ignore[arg-type]
+    if dataclasses.is_dataclass(cfg_model) and not isinstance(cfg_model, type):
+        return dataclasses.asdict(cfg_model)
+    return dict(cfg_model)
+
+
+_VL_TOKEN_KEYS = (
+    "image_token_id",
+    "image_start_token_id",
+    "image_end_token_id",
+    "video_token_id",
+    "video_start_token_id",
+    "video_end_token_id",
+)
+
+
+def to_vl_config(cfg_model: Any) -> ErnieVLConfig:
+    """The `ErnieVLConfig` of a composed VL `model` node (DictConfig, ModelConfig or plain mapping).
+
+    Text side: the ErnieModelArgs fields (validated as for a text model); `mlp_layer_types` from
+    moe_layer_start_index / end / interval (`ErnieModelArgs.is_moe_layer`), `moe_intermediate_size` =
+    [moe_intermediate_size, moe_intermediate_size_vision]. Vision side: `vision`. Resampler: both.
+    """
+    from ernie_platform.models.vl.model import ErnieVLConfig
+    from ernie_platform.models.vl.text import VLTextArgs
+    from ernie_platform.models.vl.vision import ResamplerConfig, VisionConfig
+
+    d = _plain(cfg_model)
+    name = d.get("name", "<model>")
+    vision = d.get("vision")
+    if vision is None:
+        raise ValueError(f"model config {name}: model.vision is null, so this is a text-only model (no VL config)")
+    if dataclasses.is_dataclass(vision) and not isinstance(vision, type):
+        vision = dataclasses.asdict(vision)
+    vision = {**dataclasses.asdict(VisionSchema()), **dict(vision)}
+    args = ErnieModelArgs.from_mapping(d)
+    if not args.is_moe:
+        raise ValueError(f"model config {name}: moe_num_experts={args.moe_num_experts} (a VL model needs MoE layers)")
+    f_vision = int(d.get("moe_intermediate_size_vision", 0))
+    if f_vision <= 0:
+        raise ValueError(
+            f"model config {name}: moe_intermediate_size_vision={f_vision} must be positive for a VL model"
+        )
+    types = ["sparse" if args.is_moe_layer(i) else "dense" for i in range(args.num_hidden_layers)]
+    if "sparse" not in types:
+        raise ValueError(
+            f"model config {name}: moe_layer_start_index/moe_layer_end_index/moe_layer_interval="
+            f"{args.moe_layer_start_index}/{args.moe_layer_end_index}/{args.moe_layer_interval} place no MoE layer"
+        )
+    text = VLTextArgs(
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        num_hidden_layers=args.num_hidden_layers,
+        num_attention_heads=args.num_attention_heads,
+        num_key_value_heads=args.num_key_value_heads,
+        head_dim=args.resolved_head_dim,
+        rms_norm_eps=args.rms_norm_eps,
+        rope_theta=args.rope_theta,
+        mrope_section=list(d.get("mrope_section", [22, 22, 20])),
+        use_bias=args.use_bias,
+        tie_word_embeddings=args.tie_word_embeddings,
+        pad_token_id=args.pad_token_id,
+        moe_num_experts=args.moe_num_experts,
+        moe_k=args.moe_k,
+        moe_intermediate_size=[args.moe_intermediate_size, f_vision],
+        moe_num_shared_experts=args.moe_num_shared_experts,
+        moe_norm_min=args.moe_norm_min,
+        mlp_layer_types=types,
+    )
+    vcfg = VisionConfig(
+        depth=int(vision["depth"]),
+        hidden_size=int(vision["hidden_size"]),
+        intermediate_size=int(vision["intermediate_size"]),
+        num_heads=int(vision["num_heads"]),
+        in_channels=int(vision["in_channels"]),
+        patch_size=int(vision["patch_size"]),
+        spatial_merge_size=int(vision["spatial_merge_size"]),
+        hidden_act=str(vision["hidden_act"]),
+        layer_norm_eps=float(vision["layer_norm_eps"]),
+    )
+    resampler = ResamplerConfig(
+        vision_hidden_size=vcfg.hidden_size,
+        text_hidden_size=args.hidden_size,
+        spatial_merge_size=vcfg.spatial_merge_size,
+        temporal_merge_size=int(vision["temporal_merge_size"]),
+        vision_layer_norm_eps=vcfg.layer_norm_eps,
+        text_rms_norm_eps=args.rms_norm_eps,
+    )
+    tokens = {k: int(d[k]) for k in _VL_TOKEN_KEYS if k in d}
+    for k, v in tokens.items():
+        if not 0 <= v < args.vocab_size:
+            raise ValueError(f"model config {name}: {k}={v} is outside the vocabulary (vocab_size={args.vocab_size})")
+    return ErnieVLConfig(text, vcfg, resampler, tie_word_embeddings=args.tie_word_embeddings, **tokens)
+
+
 def _unknown_keys(node: DictConfig, prefix: str) -> list[str]:
     schema = OmegaConf.get_type(node)
     fields = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
@@ -116,3 +251,5 @@ def validate_config(cfg: DictConfig) -> None:
     if unknown:
         raise ValueError(f"config: unknown keys {unknown} (not in the schema, see ernie_platform/configs/schema.py)")
     to_model_args(cfg.model)
+    if cfg.model.get("vision") is not None:
+        to_vl_config(cfg.model)
