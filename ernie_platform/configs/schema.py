@@ -84,6 +84,7 @@ class TrainerConfig:
     micro_batch_size: int = 8
     seq_len: int = 128
     grad_accum_steps: int = 1
+    zero_stage: int = 2  # DeepSpeed ZeRO stage (0-3)
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine decay floor as a fraction of lr
     warmup_steps: int = 5
