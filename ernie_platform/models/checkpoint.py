@@ -48,6 +48,18 @@ class CheckpointError(ValueError):
     """A checkpoint directory does not match the model it is loaded into."""
 
 
+def check_keys(path: Union[str, os.PathLike], missing: list[str], unexpected: list[str]) -> None:
+    """Raise a `CheckpointError` naming (up to 20 of) the missing and unexpected tensors, if any."""
+    if not (missing or unexpected):
+        return
+    parts = []
+    if missing:
+        parts.append(f"missing tensors {missing[:20]}{' …' if len(missing) > 20 else ''}")
+    if unexpected:
+        parts.append(f"unexpected tensors {unexpected[:20]}{' …' if len(unexpected) > 20 else ''}")
+    raise CheckpointError(f"{path}: " + "; ".join(parts))
+
+
 def _read_config(path: Path) -> dict[str, Any]:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
@@ -149,13 +161,7 @@ def load_pretrained(
             filled.add(key)
 
     missing = [k for k in _expected_keys(model) if k not in filled]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing tensors {missing[:20]}{' …' if len(missing) > 20 else ''}")
-        if unexpected:
-            parts.append(f"unexpected tensors {unexpected[:20]}{' …' if len(unexpected) > 20 else ''}")
-        raise CheckpointError(f"{path}: " + "; ".join(parts))
+    check_keys(path, missing, unexpected)
     model.eval()
     return model
 

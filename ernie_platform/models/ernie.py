@@ -185,24 +185,8 @@ class ErnieForCausalLM(nn.Module):
         self.reset_parameters()
 
     # ---- construction --------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def reset_parameters(self) -> None:
-        std = self.args.initializer_range
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=std)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, std=std)
-                if m.padding_idx is not None:
-                    m.weight[m.padding_idx].zero_()
-            elif isinstance(m, RMSNorm):
-                nn.init.ones_(m.weight)
-            elif isinstance(m, MoEBlock):
-                for w in (m.w13_E2FD, m.w2_EDF, m.gate.weight):
-                    nn.init.normal_(w, std=std)
-                m.gate.e_score_correction_bias.zero_()
+        init_weights(self, self.args.initializer_range)
 
     def moe_blocks(self) -> list[MoEBlock]:
         return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoEBlock)]
@@ -265,6 +249,32 @@ class ErnieForCausalLM(nn.Module):
         rate = self.moe_cfg.bias_update_rate if rate is None else rate
         for blk in self.moe_blocks():
             blk.update_bias(rate)
+
+
+@torch.no_grad()
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """Random init shared by the text and VL models: linear, embedding, expert and router weights N(0, std), biases
+    zero (the padding embedding row too), norm weights one, router correction biases zero."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=std)
+            if m.padding_idx is not None:
+                m.weight[m.padding_idx].zero_()
+        elif isinstance(m, RMSNorm):
+            nn.init.ones_(m.weight)
+        elif isinstance(m, nn.LayerNorm):
+            if m.weight is not None:
+                nn.init.ones_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif hasattr(m, "w13_E2FD") and hasattr(m, "gate"):  # an expert pool: MoEBlock or the VL ExpertPool
+            for w in (m.w13_E2FD, m.w2_EDF, m.gate.weight):
+                nn.init.normal_(w, std=std)
+            m.gate.e_score_correction_bias.zero_()
 
 
 def causal_lm_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

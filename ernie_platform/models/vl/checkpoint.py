@@ -161,7 +161,7 @@ def load_vl_pretrained(
     path: Path, hf_cfg: dict[str, Any], tensors: dict[str, torch.Tensor], dtype: torch.dtype, device: Any,
     backend: Optional[str] = None,
 ) -> ErnieVLForConditionalGeneration:
-    from ernie_platform.models.checkpoint import CheckpointError
+    from ernie_platform.models.checkpoint import CheckpointError, check_keys
 
     cfg = ErnieVLConfig.from_hf_dict(hf_cfg)
     with torch.device(device):
@@ -169,13 +169,7 @@ def load_vl_pretrained(
     expected = vl_hf_state_dict(model)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing tensors {missing[:20]}{' …' if len(missing) > 20 else ''}")
-        if unexpected:
-            parts.append(f"unexpected tensors {unexpected[:20]}{' …' if len(unexpected) > 20 else ''}")
-        raise CheckpointError(f"{path}: " + "; ".join(parts))
+    check_keys(path, missing, unexpected)
     for key, t in tensors.items():
         if tuple(t.shape) != tuple(expected[key].shape):
             raise CheckpointError(

@@ -17,37 +17,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ernie_platform.models.ernie import ErnieForCausalLM, RMSNorm
+from ernie_platform.models.ernie import ErnieForCausalLM, init_weights
 from ernie_platform.models.vl.model import ErnieVLConfig, ErnieVLForConditionalGeneration
-from ernie_platform.models.vl.moe import ExpertPool, VLMoEBlock
+from ernie_platform.models.vl.moe import VLMoEBlock
 
 _TEXT_MOE_PARTS = (".mlp.gate.", ".mlp.w13_E2FD", ".mlp.w2_EDF")
 
 
-@torch.no_grad()
 def init_vl_weights(model: nn.Module, std: float = 0.02) -> None:
-    """Random init of a VL model (or any of its submodules): linear / embedding / expert / router weights
-    N(0, std), biases zero, RMSNorm and LayerNorm weights one, router correction biases zero."""
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=std)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, std=std)
-            if m.padding_idx is not None:
-                m.weight[m.padding_idx].zero_()
-        elif isinstance(m, RMSNorm):
-            nn.init.ones_(m.weight)
-        elif isinstance(m, nn.LayerNorm):
-            if m.weight is not None:
-                nn.init.ones_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, ExpertPool):
-            for w in (m.w13_E2FD, m.w2_EDF, m.gate.weight):
-                nn.init.normal_(w, std=std)
-            m.gate.e_score_correction_bias.zero_()
+    """Random init of a VL model (or any of its submodules); see `ernie_platform.models.ernie.init_weights`."""
+    init_weights(model, std)
 
 
 def _vl_name(text_name: str) -> str:

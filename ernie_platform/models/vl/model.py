@@ -27,6 +27,7 @@ from torch import nn
 
 from ernie_platform.models.cache import KVCache
 from ernie_platform.models.config import MoEConfig
+from ernie_platform.models.ernie import init_weights
 from ernie_platform.models.vl.text import VLTextArgs, VLTextModel
 from ernie_platform.models.vl.vision import (
     ResamplerConfig,
@@ -111,6 +112,7 @@ class ErnieVLForConditionalGeneration(nn.Module):
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
+        init_weights(self)  # expert pools are created with torch.empty
 
     # ---- positions ---------------------------------------------------------------------------------------------------
     def get_rope_index(
