@@ -93,13 +93,17 @@ def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, Any, Path]]:
 
 
 def _keep_fp32(name: str) -> bool:
-    return name.endswith("mlp.gate.weight") or name.endswith("e_score_correction_bias")
+    # the routers (text model's mlp.gate, the VL pools' {text,vision}_moe.gate) and their correction biases
+    return name.endswith((".gate.weight", "e_score_correction_bias"))
 
 
-def cast_model(model: ErnieForCausalLM, dtype: torch.dtype) -> ErnieForCausalLM:
-    """Cast parameters to `dtype`, keeping the router weight and score-correction bias in fp32."""
+def cast_model(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast parameters and persistent buffers to `dtype`, keeping the routers and score-correction biases in fp32.
+
+    Non-persistent buffers (rotary frequencies, expert-load accumulators) are derived state and keep their dtype."""
+    persistent = set(model.state_dict())
     for name, p in list(model.named_parameters()) + list(model.named_buffers()):
-        if p.is_floating_point() and not _keep_fp32(name) and not name.endswith("inv_freq"):
+        if name in persistent and p.is_floating_point() and not _keep_fp32(name):
             p.data = p.data.to(dtype)
     return model
 

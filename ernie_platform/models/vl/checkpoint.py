@@ -161,7 +161,7 @@ def load_vl_pretrained(
     path: Path, hf_cfg: dict[str, Any], tensors: dict[str, torch.Tensor], dtype: torch.dtype, device: Any,
     backend: Optional[str] = None,
 ) -> ErnieVLForConditionalGeneration:
-    from ernie_platform.models.checkpoint import CheckpointError, check_keys
+    from ernie_platform.models.checkpoint import CheckpointError, cast_model, check_keys
 
     cfg = ErnieVLConfig.from_hf_dict(hf_cfg)
     with torch.device(device):
@@ -176,10 +176,7 @@ def load_vl_pretrained(
                 f"{path}: tensor {key} has shape {list(t.shape)} but the model expects {list(expected[key].shape)}"
             )
     model.load_state_dict(vl_state_dict_from_hf(tensors, model), strict=True)
-    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
-        if p.is_floating_point() and "gate." not in name and not name.endswith(("inv_freq_J", "inv_freq")):
-            p.data = p.data.to(dtype)
-    return model.eval()
+    return cast_model(model, dtype).eval()
 
 
 def vl_config_json(model: ErnieVLForConditionalGeneration) -> str:
