@@ -182,16 +182,6 @@ def _reference() -> tuple[list[float], list[float], dict[str, torch.Tensor], lis
     return losses, lrs, state, norms
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
 @pytest.mark.integration
 def test_zero2_on_ray_train_matches_single_process(ray_local, tmp_path: Path) -> None:
     from ray.train import RunConfig, ScalingConfig

@@ -100,16 +100,6 @@ def _reference(skew: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch
     return loss.detach(), {n: p.grad for n, p in model.named_parameters()}, load
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
 # ---- placement math ------------------------------------------------------------------------------------------------
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from ernie_platform.models.cache import KVCache
 from ernie_platform.models.config import ErnieModelArgs, MoEConfig
-from ernie_platform.models.moe import MoEBlock, SwiGLU
+from ernie_platform.models.moe import MoEBlock, SwiGLU, weighted_router_loss
 
 
 class RMSNorm(nn.Module):
@@ -230,12 +230,7 @@ class ErnieForCausalLM(nn.Module):
                     name: torch.stack([blk.last_router_losses[name] for blk in blocks]).mean()
                     for name in ("load_balance", "z", "orthogonal")
                 }
-                c = self.moe_cfg
-                out.router_loss = (
-                    c.aux_loss_coef * out.router_losses["load_balance"]
-                    + c.z_loss_coef * out.router_losses["z"]
-                    + c.orthogonal_loss_coef * out.router_losses["orthogonal"]
-                )
+                out.router_loss = weighted_router_loss(out.router_losses, self.moe_cfg)
         if labels is not None:
             if logits_to_keep:
                 raise ValueError("labels and logits_to_keep cannot be combined")
@@ -279,6 +274,9 @@ def init_weights(module: nn.Module, std: float = 0.02) -> None:
 
 def causal_lm_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Mean cross-entropy of token t+1 given tokens ≤ t; labels aligned with input_ids as in transformers."""
-    shift_logits = logits_BTV[:, :-1].reshape(-1, logits_BTV.shape[-1]).float()
-    shift_labels = labels_BT[:, 1:].reshape(-1)
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index)
+    return F.cross_entropy(*shift_for_next_token(logits_BTV, labels_BT), ignore_index=ignore_index)
+
+
+def shift_for_next_token(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 logits [N, V] of positions 0..T-2 and the labels [N] they predict (positions 1..T-1)."""
+    return logits_BTV[:, :-1].reshape(-1, logits_BTV.shape[-1]).float(), labels_BT[:, 1:].reshape(-1)

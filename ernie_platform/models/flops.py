@@ -22,16 +22,24 @@ class ParamCounts:
     active_non_embedding: int
 
 
+def attention_params(hidden: int, head_dim: int, n_heads: int, n_kv_heads: int, bias: bool) -> int:
+    """q/k/v/o projections of one grouped-query attention layer."""
+    weights = hidden * head_dim * (2 * n_heads + 2 * n_kv_heads)
+    return weights + ((head_dim * (n_heads + 2 * n_kv_heads) + hidden) if bias else 0)
+
+
+def swiglu_params(hidden: int, width: int, bias: bool) -> int:
+    """gate/up/down projections of one SwiGLU MLP of the given width."""
+    return 3 * hidden * width + ((2 * width + hidden) if bias else 0)
+
+
 def count_params(args: ErnieModelArgs) -> ParamCounts:
-    d, hd = args.hidden_size, args.resolved_head_dim
-    bias = args.use_bias
-    attn = d * hd * (args.num_attention_heads * 2 + args.num_key_value_heads * 2)
-    if bias:
-        attn += hd * (args.num_attention_heads + 2 * args.num_key_value_heads) + d
+    d, bias = args.hidden_size, args.use_bias
+    attn = attention_params(d, args.resolved_head_dim, args.num_attention_heads, args.num_key_value_heads, bias)
     norms = 2 * d
 
     def swiglu(f: int, with_bias: bool) -> int:
-        return 3 * d * f + ((2 * f + d) if with_bias else 0)
+        return swiglu_params(d, f, with_bias)
 
     total = active = 0
     for i in range(args.num_hidden_layers):

@@ -48,6 +48,12 @@ def router_orthogonal_loss(weight_ED: torch.Tensor) -> torch.Tensor:
     return (gram_EE - eye).pow(2).sum() / num_experts**2
 
 
+def weighted_router_loss(router_losses: dict[str, torch.Tensor], moe_cfg: MoEConfig) -> torch.Tensor:
+    """Σ coefficient · loss over router losses keyed "load_balance"/"z"/"orthogonal" (optionally "<modality>/…")."""
+    coef = {"load_balance": moe_cfg.aux_loss_coef, "z": moe_cfg.z_loss_coef, "orthogonal": moe_cfg.orthogonal_loss_coef}
+    return sum(coef[name.rsplit("/", 1)[-1]] * value for name, value in router_losses.items())
+
+
 class SwiGLU(nn.Module):
     """Dense SwiGLU MLP (dense layers and shared experts); parameter names match the checkpoints."""
 

@@ -9,7 +9,7 @@ text models.
 
 from __future__ import annotations
 
-from ernie_platform.models.flops import ParamCounts
+from ernie_platform.models.flops import ParamCounts, attention_params, swiglu_params
 from ernie_platform.models.vl.model import ErnieVLConfig
 
 
@@ -29,14 +29,13 @@ def count_vision_params(cfg: ErnieVLConfig) -> int:
 def count_vl_params(cfg: ErnieVLConfig) -> ParamCounts:
     """Total / active-per-text-token parameters of the VL model, with and without the embedding table."""
     a = cfg.text
-    attn_args = a.attention_args()
-    d, hd = a.hidden_size, attn_args.resolved_head_dim
-    h, hk = a.num_attention_heads, a.num_key_value_heads
-    attn = d * hd * (2 * h + 2 * hk) + ((hd * (h + 2 * hk) + d) if a.use_bias else 0)
+    d = a.hidden_size
+    head_dim = a.attention_args().resolved_head_dim
+    attn = attention_params(d, head_dim, a.num_attention_heads, a.num_key_value_heads, a.use_bias)
     norms = 2 * d
 
     def swiglu(width: int, with_bias: bool) -> int:
-        return 3 * d * width + ((2 * width + d) if with_bias else 0)
+        return swiglu_params(d, width, with_bias)
 
     f_text, f_vision = a.moe_intermediate_size
     e, k = a.moe_num_experts, a.moe_k

@@ -27,7 +27,8 @@ from torch import nn
 
 from ernie_platform.models.cache import KVCache
 from ernie_platform.models.config import MoEConfig
-from ernie_platform.models.ernie import init_weights
+from ernie_platform.models.ernie import init_weights, shift_for_next_token
+from ernie_platform.models.moe import weighted_router_loss
 from ernie_platform.models.vl.text import VLTextArgs, VLTextModel
 from ernie_platform.models.vl.vision import (
     ResamplerConfig,
@@ -83,8 +84,7 @@ def token_balanced_lm_loss(
     instead of the batch's count of loss tokens, so every loss token weighs the same whatever the batch holds (a batch
     whose image tokens leave few text targets no longer scales its text tokens up). Without it, both are the mean.
     """
-    shift_logits = logits_BTV[:, :-1].reshape(-1, logits_BTV.shape[-1]).float()
-    shift_labels = labels_BT[:, 1:].reshape(-1)
+    shift_logits, shift_labels = shift_for_next_token(logits_BTV, labels_BT)
     per_token = F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index, reduction="none")
     n = (shift_labels != ignore_index).sum()
     mean = per_token.sum() / n.clamp(min=1)
@@ -233,9 +233,7 @@ class ErnieVLForConditionalGeneration(nn.Module):
             for k in names
         }
         if out.router_losses:
-            c = self.moe_cfg
-            coef = {"load_balance": c.aux_loss_coef, "z": c.z_loss_coef, "orthogonal": c.orthogonal_loss_coef}
-            out.router_loss = sum(coef[k.split("/")[1]] * v for k, v in out.router_losses.items())
+            out.router_loss = weighted_router_loss(out.router_losses, self.moe_cfg)
         if labels is not None:
             loss, out.lm_loss = token_balanced_lm_loss(out.logits, labels, token_budget)
             out.loss = loss if out.router_loss is None else loss + out.router_loss
