@@ -14,7 +14,8 @@ def ray_local():
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False)
+        # 4 logical CPUs on 2 cores: 2 train workers + room for Ray Data read tasks and small actors.
+        ray.init(num_cpus=4, include_dashboard=False)
     yield
     if started:
         ray.shutdown()

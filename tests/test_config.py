@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,7 +34,8 @@ def test_default_compose_is_demo_moe() -> None:
     cfg = _compose()
     assert cfg.model.name == "ernie45_demo_moe"
     assert cfg.model.path is None
-    assert cfg.stage is None
+    assert cfg.stage.name is None and cfg.stage.init_from is None and list(cfg.stage.phases) == []
+    assert cfg.data.source == "builtin" and cfg.data.on_error == "raise"
     assert cfg.trainer.max_steps == 20 and cfg.trainer.num_workers == 2 and cfg.trainer.use_gpu is False
     assert cfg.run.name == "ernie45-demo" and cfg.run.storage_path == "./runs"
     assert cfg.moe.backend == "torch"
@@ -128,13 +130,49 @@ def test_published_architectures() -> None:
 @pytest.mark.parametrize("stage", ["text", "long", "mm"])
 def test_stage(stage: str) -> None:
     cfg = _compose(f"+stage={stage}")
-    assert cfg.stage == stage
-    assert cfg.model.name == "ernie45_demo_moe"
+    assert cfg.stage.name == stage
+    assert cfg.run.name == f"ernie45-demo-{stage}"  # each stage exports where the next one looks
+    assert cfg.model.name == ("ernie45_demo_vl" if stage == "mm" else "ernie45_demo_moe")
     validate_config(cfg)
+
+
+def test_stages_chain_through_exports() -> None:
+    text, long, mm = (_compose(f"+stage={s}", "run.storage_path=/data/r") for s in ("text", "long", "mm"))
+    assert text.stage.init_from is None
+    assert long.stage.init_from == f"/data/r/{text.run.name}/export"
+    assert mm.stage.init_from == f"/data/r/{long.run.name}/export"
 
 
 def test_long_stage_raises_context() -> None:
     cfg = _compose("model=ernie45_tiny_moe", "+stage=long")
     assert cfg.trainer.seq_len > _compose().trainer.seq_len
-    assert cfg.model.rope_theta == 500000.0
+    assert cfg.stage.rope_theta == 500000.0
     assert cfg.trainer.seq_len <= cfg.model.max_position_embeddings
+
+
+def test_mm_stage_phases_and_model_override() -> None:
+    cfg = _compose("+stage=mm", "model=ernie45_tiny_vl", "trainer.max_steps=4")
+    assert cfg.model.name == "ernie45_tiny_vl" and cfg.trainer.max_steps == 4  # overrides apply on top of a stage
+    assert [p.name for p in cfg.stage.phases] == ["vision_warmup", "joint"]
+    assert list(cfg.stage.phases[0].train) == ["vision", "resampler", "vision_experts"]
+    validate_config(cfg)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["trainer.lr_schedule=linear"], "trainer.lr_schedule='linear'"),
+        (["data.on_error=ignore"], "data.on_error='ignore'"),
+        (["data.format=csv"], "data.format='csv'"),
+        (["trainer.max_steps=0"], "trainer.max_steps=0"),
+        (["trainer.decay_fraction=1.5"], "trainer.decay_fraction=1.5"),
+        (["+stage=mm", "stage.phases.0.train=[vision,bogus]"], "stage.phases[0].train"),
+        (["+stage=mm", "stage.phases.0.fraction=0.9"], "sum to at most 1"),
+        (["+stage=mm", "model=ernie45_demo_moe"], "has no vision"),
+        (["moe.expert_parallel_size=2"], "zero_stage=0"),
+        (["moe.expert_parallel_size=3", "trainer.zero_stage=0"], "divisor of trainer.num_workers=2"),
+    ],
+)
+def test_validate_rejects_bad_values(overrides: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        validate_config(_compose(*overrides))

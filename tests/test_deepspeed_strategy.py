@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from ernie_platform.configs.schema import TrainerConfig
 from ernie_platform.models import ErnieForCausalLM
 from ernie_platform.models.config import ErnieModelArgs, MoEConfig
-from ernie_platform.training.smoke import lr_at
+from ernie_platform.training.schedule import lr_at
 from ernie_platform.training.strategy import (
     ADAMW_BETAS,
     build_optimizer,

@@ -2,9 +2,12 @@
 
 from ernie_platform.configs.schema import (
     Config,
+    DataConfig,
     ModelConfig,
     MoEConfig,
+    PhaseConfig,
     RunConfig,
+    StageConfig,
     TrainerConfig,
     VisionSchema,
     register_configs,
@@ -15,6 +18,9 @@ from ernie_platform.configs.schema import (
 
 __all__ = [
     "Config",
+    "StageConfig",
+    "PhaseConfig",
+    "DataConfig",
     "ModelConfig",
     "MoEConfig",
     "RunConfig",

@@ -22,9 +22,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Config",
+    "DataConfig",
     "ModelConfig",
     "MoEConfig",
+    "PhaseConfig",
     "RunConfig",
+    "StageConfig",
     "TrainerConfig",
     "VisionSchema",
     "register_configs",
@@ -78,26 +81,76 @@ class ModelConfig(ErnieModelArgs):
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 20
-    num_workers: int = 2
+    max_steps: int = 20  # optimizer steps
+    num_workers: int = 2  # Ray Train workers (data-parallel ranks)
     use_gpu: bool = False
-    micro_batch_size: int = 8
-    seq_len: int = 128
+    cpus_per_worker: int = 1
+    micro_batch_size: int = 8  # sequences per worker per micro-step
+    seq_len: int = 128  # packed text sequence length
     grad_accum_steps: int = 1
     zero_stage: int = 2  # DeepSpeed ZeRO stage (0-3)
     lr: float = 1e-3
-    min_lr_ratio: float = 0.1  # cosine decay floor as a fraction of lr
+    lr_schedule: str = "cosine"  # cosine (warm-up + cosine decay) | wsd (warm-up, stable, decay)
+    min_lr_ratio: float = 0.1  # decay floor as a fraction of lr
     warmup_steps: int = 5
+    decay_fraction: float = 0.2  # wsd: share of max_steps spent in the final linear decay
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    log_every: int = 1
+    log_every: int = 1  # metrics to MLflow / progress line every N steps
+    checkpoint_every: int = 10  # Ray Train checkpoint every N steps (and at the end); 0 = only at the end
+    keep_checkpoints: int = 2  # Ray Train CheckpointConfig.num_to_keep
+    max_failures: int = 1  # Ray Train FailureConfig.max_failures (worker-group restarts from the last checkpoint)
+    eval_every: int = 0  # held-out evaluation every N steps (0 = only at the end)
+    # Peak FLOP/s of one worker for MFU; 0 = auto: 65 GFLOP/s per CPU core (fp32 matmul measured on the 2-core dev
+    # machine, docs/benchmarks.md) or 989 TFLOP/s per GPU (H100 dense bf16).
+    peak_tflops: float = 0.0
     seed: int = 0
+    # Fault injection for tests and drills: rank `fail_rank` kills its own process (SIGKILL) when it reaches this
+    # step, once per run (a marker file under the run directory remembers that it happened).
+    fail_at_step: Optional[int] = None
+    fail_rank: int = 0
+
+
+@dataclass
+class DataConfig:
+    # "builtin" (generated corpus / synthetic image-text set, no download), or files: a path, directory, glob or
+    # pyarrow/fsspec URI (s3://, gs://, ...) of .jsonl / .json / .parquet files; several separated by commas.
+    source: str = "builtin"
+    format: str = "auto"  # auto (from the file extension) | jsonl | parquet
+    text_key: str = "text"  # field holding a text record's document
+    on_error: str = "raise"  # raise (fail with file and line) | skip (drop the record and count it)
+    shuffle: bool = True  # reshuffle the record order every epoch (seeded by trainer.seed and the epoch)
+    builtin_docs: int = 20000  # documents in the built-in text corpus
+    builtin_vl_samples: int = 20000  # samples in the built-in image-text train split
+    heldout_samples: int = 128  # built-in image-text held-out samples for the answer-accuracy metric
+    image_size: int = 56  # built-in image side (a multiple of patch_size * spatial_merge_size)
+
+
+@dataclass
+class PhaseConfig:
+    """A sub-phase of a stage: the first `fraction` of the remaining steps train only the `train` groups."""
+
+    name: str = "all"
+    fraction: float = 1.0  # share of trainer.max_steps
+    # Parameter groups that learn in this phase: all | text | vision | resampler | vision_experts. The others are
+    # frozen (learning rate 0 for their optimizer group).
+    train: List[str] = field(default_factory=lambda: ["all"])
+
+
+@dataclass
+class StageConfig:
+    name: Optional[str] = None  # text | long | mm (conf/stage/*.yaml); None outside a staged run
+    # Export of the previous stage to start from; used when it exists, otherwise the stage starts from scratch.
+    init_from: Optional[str] = None
+    rope_theta: Optional[float] = None  # RoPE base to train with (raised for long context); None keeps the model's
+    phases: List[PhaseConfig] = field(default_factory=list)  # empty: one phase training everything
 
 
 @dataclass
 class RunConfig:
     name: str = "ernie45-demo"
     storage_path: str = "./runs"  # any local path or pyarrow/fsspec URI (s3://, gs://, ...)
+    experiment: str = "ernie45-pretrain"  # MLflow experiment; the MLflow run is named run.name
 
 
 @dataclass
@@ -106,7 +159,8 @@ class Config:
     moe: MoEConfig = field(default_factory=MoEConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    stage: Optional[str] = None  # name of the stage being run (conf/stage/*.yaml), None outside a staged run
+    data: DataConfig = field(default_factory=DataConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
 
 
 def register_configs() -> None:
@@ -254,3 +308,47 @@ def validate_config(cfg: DictConfig) -> None:
     to_model_args(cfg.model)
     if cfg.model.get("vision") is not None:
         to_vl_config(cfg.model)
+    _check_choices(cfg)
+
+
+PARAM_GROUPS = ("all", "text", "vision", "resampler", "vision_experts")
+
+
+def _check_choices(cfg: DictConfig) -> None:
+    def bad(key: str, value: Any, allowed: Any) -> ValueError:
+        return ValueError(f"config: {key}={value!r} is not valid (expected {allowed})")
+
+    t, data, stage = cfg.trainer, cfg.data, cfg.stage
+    if t.lr_schedule not in ("cosine", "wsd"):
+        raise bad("trainer.lr_schedule", t.lr_schedule, "cosine or wsd")
+    if data.on_error not in ("raise", "skip"):
+        raise bad("data.on_error", data.on_error, "raise or skip")
+    if data.format not in ("auto", "jsonl", "parquet"):
+        raise bad("data.format", data.format, "auto, jsonl or parquet")
+    for key in ("max_steps", "num_workers", "micro_batch_size", "seq_len", "grad_accum_steps", "cpus_per_worker"):
+        if t[key] < 1:
+            raise bad(f"trainer.{key}", t[key], "an integer >= 1")
+    if not 0.0 <= t.decay_fraction <= 1.0:
+        raise bad("trainer.decay_fraction", t.decay_fraction, "a fraction in [0, 1]")
+    total = 0.0
+    for i, phase in enumerate(stage.phases):
+        unknown = [g for g in phase.train if g not in PARAM_GROUPS]
+        if unknown or not phase.train:
+            raise bad(f"stage.phases[{i}].train", list(phase.train), f"a non-empty list of {list(PARAM_GROUPS)}")
+        if not 0.0 < phase.fraction <= 1.0:
+            raise bad(f"stage.phases[{i}].fraction", phase.fraction, "a fraction in (0, 1]")
+        total += phase.fraction
+    if total > 1.0 + 1e-9:
+        raise bad("stage.phases[*].fraction", total, "fractions that sum to at most 1")
+    vl_only = [g for p in stage.phases for g in p.train if g in ("vision", "resampler", "vision_experts")]
+    if vl_only and cfg.model.get("vision") is None:
+        raise ValueError(f"config: stage.phases train {sorted(set(vl_only))} but model {cfg.model.name} has no vision")
+    ep = cfg.moe.expert_parallel_size
+    if ep > 1:
+        if t.num_workers % ep:
+            raise bad("moe.expert_parallel_size", ep, f"a divisor of trainer.num_workers={t.num_workers}")
+        if t.zero_stage != 0:
+            raise ValueError(
+                f"config: moe.expert_parallel_size={ep} needs trainer.zero_stage=0 (got {t.zero_stage}): expert "
+                "shards are reduced by kernels.expert_parallel.allreduce_gradients, not by ZeRO's partitioned buffers"
+            )

@@ -202,18 +202,38 @@ class ErnieForCausalLM(nn.Module):
         logits_to_keep: int = 0,
     ) -> ErnieOutput:
         """`attention_mask` [B, T]: 1 for real tokens, 0 for padding. With `cache`, the T tokens are appended to
-        each row (right-padded) and positions continue from each row's cached length."""
+        each row (right-padded) and positions continue from each row's cached length.
+
+        Packed documents: a boolean `attention_mask` [B, 1, T, T] (True = attend; e.g. the block-diagonal causal
+        `ernie_platform.data.document_attention_mask`) is used as is, every token counts as real for the MoE
+        statistics, and `position_ids` should restart at each document (no cache)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         b, t = input_ids.shape
-        mask, slots_BT = build_attention_mask(b, t, input_ids.device, attention_mask, cache)
+        token_mask_BT = attention_mask
+        if attention_mask is not None and attention_mask.dim() == 4:
+            if attention_mask.shape != (b, 1, t, t) or attention_mask.dtype != torch.bool:
+                raise ValueError(
+                    f"a 4-D attention_mask must be bool [B, 1, T, T] = {(b, 1, t, t)}, got "
+                    f"{attention_mask.dtype} {tuple(attention_mask.shape)}"
+                )
+            if cache is not None:
+                raise ValueError("a 4-D (packed-document) attention_mask cannot be combined with a KV cache")
+            mask, slots_BT, token_mask_BT = attention_mask, None, None
+        elif attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(
+                f"attention_mask must be [B, T] (padding) or bool [B, 1, T, T] (packed documents), got shape "
+                f"{tuple(attention_mask.shape)}"
+            )
+        else:
+            mask, slots_BT = build_attention_mask(b, t, input_ids.device, attention_mask, cache)
         if position_ids is None:
             position_ids = slots_BT if slots_BT is not None else torch.arange(t, device=input_ids.device).expand(b, t)
 
         rope = self.model.rotary_emb(position_ids)
         x_BTD = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
-            x_BTD = layer(x_BTD, rope, mask, cache, attention_mask)
+            x_BTD = layer(x_BTD, rope, mask, cache, token_mask_BT)
         if cache is not None:
             cache.end()
         x_BTD = self.model.norm(x_BTD)

@@ -1,1 +1,1 @@
-"""Training: the single-process smoke run now; Ray Train + DeepSpeed loops land with the pretraining issue."""
+"""Training: the Ray Train + DeepSpeed pretraining job (driver `job`, worker loop `loop`, strategy, stages)."""

@@ -15,13 +15,15 @@ Each Ray Train worker (TorchTrainer, process group already initialised by Ray: g
 
 Choices (all made in `deepspeed_config` / `build_engine`):
 
-* Optimizer: torch's `AdamW` (betas 0.9/0.95, as `smoke.py`) passed to `deepspeed.initialize` as a client optimizer.
+* Optimizer: torch's `AdamW` (betas 0.9/0.95) passed to `deepspeed.initialize` as a client optimizer.
   DeepSpeed's own `"optimizer": {"type": "AdamW"}` resolves to `FusedAdam` (and to `DeepSpeedCPUAdam` with ZeRO
   offload); on a CPU accelerator both are C++ ops that DeepSpeed JIT-compiles on first use (no prebuilt ops in this
   install: `git_version_info_installed.installed_ops` is all False). torch's AdamW needs no build, is on ZeRO's
   supported-optimizer list, and ZeRO 1/2 shards its state like any other optimizer's.
-* LR schedule: warm-up + cosine, `smoke.lr_at` as a `LambdaLR` on that optimizer, handed to DeepSpeed as the client
-  scheduler so `engine.step()` advances it once per optimizer step: step k uses `lr_at(k)`, exactly as smoke.py.
+* LR schedule: `schedule.schedule_fn` (warm-up + cosine or WSD) as a `LambdaLR` on that optimizer, handed to
+  DeepSpeed as the client scheduler so `engine.step()` advances it once per optimizer step: step k uses the
+  schedule's value at k. With parameter groups (the VL stage's vision tower, resampler, vision experts and the text
+  model) each group has its own factor, 0 while a stage phase freezes it (`schedule.GroupLRFactor`).
 * Precision: fp32 on CPU (bf16 is slow there). On GPU, bf16 through DeepSpeed's `torch_autocast` section rather
   than its `bf16` section: the `bf16` section calls `module.bfloat16()`, which would also cast the router's fp32
   `gate.weight` and its `e_score_correction_bias` buffer. With `torch_autocast` the parameters (and the
@@ -63,7 +65,7 @@ from typing import Any
 
 import torch
 
-from ernie_platform.training.smoke import lr_at
+from ernie_platform.training.schedule import GroupLRFactor, schedule_fn
 
 DEFAULT_ZERO_STAGE = 2
 ADAMW_BETAS = (0.9, 0.95)
@@ -118,37 +120,44 @@ def deepspeed_config(trainer_cfg: Any, world_size: int, use_gpu: bool) -> dict[s
 
 
 def lr_lambda(trainer_cfg: Any) -> Any:
-    """The `LambdaLR` factor of step k: `smoke.lr_at(k) / lr` (warm-up then cosine to `min_lr_ratio`)."""
-    lr = float(_get(trainer_cfg, "lr"))
-    if lr <= 0:
+    """The `LambdaLR` factor of step k: schedule(k) / lr (warm-up then cosine or WSD to `min_lr_ratio`)."""
+    if float(_get(trainer_cfg, "lr")) <= 0:
         return lambda step: 0.0
-    return _Factor(
-        int(_get(trainer_cfg, "max_steps")),
-        lr,
-        int(_get(trainer_cfg, "warmup_steps", 0)),
-        float(_get(trainer_cfg, "min_lr_ratio", 0.0)),
-    )
+    return GroupLRFactor(_trainer_mapping(trainer_cfg), (), "text")
 
 
-class _Factor:
-    """Picklable LR factor (LambdaLR.state_dict keeps non-lambda callables' __dict__)."""
-
-    def __init__(self, max_steps: int, lr: float, warmup: int, min_ratio: float):
-        self.max_steps, self.lr, self.warmup, self.min_ratio = max_steps, lr, max(1, warmup), min_ratio
-
-    def __call__(self, step: int) -> float:
-        return lr_at(step, self.max_steps, self.lr, self.warmup, self.min_ratio) / self.lr
+def _trainer_mapping(trainer_cfg: Any) -> dict[str, Any]:
+    keys = ("lr", "max_steps", "warmup_steps", "min_lr_ratio", "lr_schedule", "decay_fraction")
+    return {k: _get(trainer_cfg, k) for k in keys if _get(trainer_cfg, k) is not None}
 
 
-def build_optimizer(model: torch.nn.Module, trainer_cfg: Any) -> tuple[torch.optim.Optimizer, Any]:
-    """torch AdamW (as smoke.py) and the warm-up + cosine LambdaLR on it."""
+def build_optimizer(
+    model: torch.nn.Module,
+    trainer_cfg: Any,
+    param_groups: Mapping[str, list[torch.nn.Parameter]] | None = None,
+    phases: Any = (),
+) -> tuple[torch.optim.Optimizer, Any]:
+    """torch AdamW and its LambdaLR. `param_groups` (name -> parameters, names from `schedule.PARAM_GROUPS`) gives
+    one optimizer group each, frozen (factor 0) outside the `phases` that train it; None: one group of every
+    trainable parameter."""
+    if param_groups is None:
+        param_groups = {"text": [p for p in model.parameters() if p.requires_grad]}
+    groups = [(name, params) for name, params in param_groups.items() if params]
     opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
+        [{"params": params, "name": name} for name, params in groups],
         lr=float(_get(trainer_cfg, "lr")),
         weight_decay=float(_get(trainer_cfg, "weight_decay", 0.0)),
         betas=ADAMW_BETAS,
     )
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(trainer_cfg))
+    cfg = _trainer_mapping(trainer_cfg)
+    schedule_fn(cfg)  # validates lr_schedule
+    phases = [dict(p) if isinstance(p, Mapping) else _plain_phase(p) for p in phases]
+    factors = [GroupLRFactor(cfg, phases, name) for name, _ in groups]
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factors)
+
+
+def _plain_phase(p: Any) -> dict[str, Any]:
+    return {"name": _get(p, "name", "phase"), "fraction": _get(p, "fraction", 1.0), "train": list(_get(p, "train"))}
 
 
 @contextlib.contextmanager
@@ -200,6 +209,8 @@ def build_engine(
     world_size: int,
     use_gpu: bool,
     allow_shm_op: bool = False,
+    param_groups: Mapping[str, list[torch.nn.Parameter]] | None = None,
+    phases: Any = (),
 ) -> tuple[Any, Any, Any]:
     """Wrap `model` in a DeepSpeed engine: returns `(engine, optimizer, lr_scheduler)` from `deepspeed.initialize`.
 
@@ -212,7 +223,7 @@ def build_engine(
         raise ValueError(f"router parameters/buffers must be fp32 before build_engine: {bad}")
     init_deepspeed_comm(use_gpu, allow_shm_op)
     config = deepspeed_config(trainer_cfg, world_size, use_gpu)
-    opt, sched = build_optimizer(model, trainer_cfg)
+    opt, sched = build_optimizer(model, trainer_cfg, param_groups, phases)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=opt, lr_scheduler=sched, config=config, dist_init_required=False
     )

@@ -1,14 +1,17 @@
-"""`python -m workloads.pretrain [overrides]` — compose `conf/config.yaml` with Hydra and run pretraining.
+"""`python -m workloads.pretrain [+stage=text|long|mm] [overrides]` — staged ERNIE 4.5 pretraining on Ray Train.
 
 Examples:
-    python -m workloads.pretrain +stage=mm
-    python -m workloads.pretrain model=ernie45_tiny_moe trainer.max_steps=4 run.name=try1
+    python -m workloads.pretrain +stage=mm                                   # the embedded default
+    python -m workloads.pretrain +stage=text trainer.max_steps=200 run.name=my-text
+    ray job submit --working-dir . -- python -m workloads.pretrain +stage=mm
 
-Until the staged Ray Train + DeepSpeed job lands (issue #5) this runs `ernie_platform.training.smoke.run_smoke`, a
-short single-process training run of the selected model.
+Hydra composes `conf/config.yaml` (+ the stage file) on the typed schema; `validate_config` adds the checks Hydra
+leaves out; `ernie_platform.training.job.run_pretraining` does the rest (docs/pretraining.md).
 """
 
 from __future__ import annotations
+
+import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -24,9 +27,12 @@ register_configs()
 @hydra.main(config_path="../../conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
     validate_config(cfg)
-    from ernie_platform.training.smoke import run_smoke
+    from ernie_platform.training.job import JobFailed, run_pretraining
 
-    run_smoke(cfg)
+    try:
+        run_pretraining(cfg)
+    except JobFailed:
+        sys.exit(1)  # the driver already printed the root cause
 
 
 if __name__ == "__main__":
