@@ -88,3 +88,46 @@ class KVCache:
         self.lengths_B += self._new_counts_B
         self._new_slots_BT = None
         self._new_counts_B = None
+
+    # ---- slot-pool helpers (serving engine): reuse rows, export/import one sequence's KV ------------------------------
+    def reset_rows(self, rows: list[int]) -> None:
+        """Mark rows empty (length 0); their stale keys are never attended to and are overwritten on reuse."""
+        if rows:
+            self.lengths_B[torch.as_tensor(rows, dtype=torch.long, device=self.lengths_B.device)] = 0
+
+    def read_row(self, row: int, length: Optional[int] = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of row `row`'s first `length` (default: its cached length) slots: per layer (k [H, P, Dh], v)."""
+        n = int(self.lengths_B[row]) if length is None else length
+        return [(k[row, :, :n].clone(), v[row, :, :n].clone()) for k, v in zip(self.k_LBHSD, self.v_LBHSD)]
+
+    def write_row(self, row: int, kv: list[tuple[torch.Tensor, torch.Tensor]], length: Optional[int] = None) -> None:
+        """Load one sequence's KV (as returned by `read_row`, any device/dtype) into row `row`, replacing it."""
+        if len(kv) != len(self.k_LBHSD):
+            raise ValueError(f"KVCache.write_row: {len(kv)} layers given, the cache has {len(self.k_LBHSD)}")
+        n = kv[0][0].shape[1] if length is None else length
+        if n > self.max_seq_len:
+            raise ValueError(f"KVCache.write_row: {n} tokens exceed max_seq_len={self.max_seq_len}")
+        for (k, v), k_dst, v_dst in zip(kv, self.k_LBHSD, self.v_LBHSD):
+            if k.shape[0] != k_dst.shape[1] or k.shape[2] != k_dst.shape[3] or k.shape[1] < n or v.shape != k.shape:
+                raise ValueError(
+                    f"KVCache.write_row: k/v of shape {tuple(k.shape)}/{tuple(v.shape)} do not fit "
+                    f"[{k_dst.shape[1]}, {n}, {k_dst.shape[3]}]"
+                )
+            k_dst[row, :, :n] = k[:, :n].to(device=k_dst.device, dtype=k_dst.dtype)
+            v_dst[row, :, :n] = v[:, :n].to(device=v_dst.device, dtype=v_dst.dtype)
+        self.lengths_B[row] = n
+
+    def view(self, start: int, stop: int, num_slots: Optional[int] = None) -> KVCache:
+        """A cache over rows [start, stop) and the first `num_slots` slots that shares this one's storage (writes and
+        length updates go through), so a decode step can skip idle rows and unused slots."""
+        num_slots = self.max_seq_len if num_slots is None else num_slots
+        if not (0 <= start < stop <= self.batch_size and 0 < num_slots <= self.max_seq_len):
+            raise ValueError(f"KVCache.view: rows [{start}, {stop}) / {num_slots} slots outside {self.batch_size} rows")
+        out = KVCache.__new__(KVCache)
+        out.k_LBHSD = [k[start:stop, :, :num_slots] for k in self.k_LBHSD]
+        out.v_LBHSD = [v[start:stop, :, :num_slots] for v in self.v_LBHSD]
+        out.lengths_B = self.lengths_B[start:stop]
+        out.max_seq_len = num_slots
+        out._new_slots_BT = None
+        out._new_counts_B = None
+        return out

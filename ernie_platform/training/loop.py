@@ -239,6 +239,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         saved_shards = [(p, p.detach().clone()) for p in expert_parameters(model)]
     ds_trainer = dict(t, grad_clip=0.0) if ep > 1 else t
     phases = (cfg.get("stage") or {}).get("phases") or []
+    if phases and start.source == "scratch":
+        # Phases protect what an earlier stage learned (e.g. the language model during the vision warm-up); a model
+        # trained from scratch has nothing to protect, so everything trains from the first step.
+        if rank == 0:
+            print(f"stage phases {[p['name'] for p in phases]} skipped: the model starts from scratch", flush=True)
+        phases = []
     engine, optimizer, scheduler = build_engine(
         model, ds_trainer, world, use_gpu, param_groups=param_groups(model), phases=phases
     )
