@@ -19,3 +19,14 @@ def test_moe_layer_benchmark_quick_runs_and_checks_parity() -> None:
     assert proc.returncode == 0, out[-3000:]
     assert "parity ok" in out
     assert "hf/grouped_mm" in out and "ours/torch" in out
+
+
+def test_train_throughput_benchmark_quick_runs_platform_and_baseline() -> None:
+    """The script runs the real job and the bare-PyTorch baseline in one go and prints its verdict line."""
+    cmd = [sys.executable, "benchmarks/train_throughput.py", "--quick"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "bare PyTorch x2 processes (reference = mean)" in out
+    assert "platform: step_time_s (MLflow)" in out
+    assert "steady-state per-step overhead of the platform" in out

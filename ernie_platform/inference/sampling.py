@@ -126,7 +126,7 @@ def sample_rows(samplers: list[Sampler], logits_NV: torch.Tensor) -> list[Sample
         chosen = torch.tensor([out[i].token_id for i in want], device=logp_NV.device)
         chosen_lp = logp_NV.gather(1, chosen[:, None])[:, 0].tolist()
         k_max = min(max(samplers[i].params.logprobs for i in want), logp_NV.shape[-1])
-        top_v, top_i = (logp_NV.topk(k_max, dim=-1) if k_max else (logp_NV[:, :0], logp_NV[:, :0].long()))
+        top_v, top_i = logp_NV.topk(k_max, dim=-1) if k_max else (logp_NV[:, :0], logp_NV[:, :0].long())
         top_v, top_i = top_v.tolist(), top_i.tolist()
         for j, i in enumerate(want):
             k = samplers[i].params.logprobs

@@ -89,7 +89,7 @@ class KVCache:
         self._new_slots_BT = None
         self._new_counts_B = None
 
-    # ---- slot-pool helpers (serving engine): reuse rows, export/import one sequence's KV ------------------------------
+    # ---- slot-pool helpers (serving engine): reuse rows, export/import one sequence's KV ---------------------------
     def reset_rows(self, rows: list[int]) -> None:
         """Mark rows empty (length 0); their stale keys are never attended to and are overwritten on reuse."""
         if rows:
