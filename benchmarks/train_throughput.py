@@ -21,7 +21,12 @@ What is compared, in one run on one machine (2 CPU cores, no GPU):
     - wall: the spacing of rank 0's MLflow timestamps (one per logging block), i.e. the full period of a step,
       logging included. This is the number the overhead verdict uses; both are printed.
   The median over the steady steps is the step time; global tokens/s = 2·B·T / step time.
-* baseline ("bare PyTorch x2"): the same model built by the same code from the same config and seed
+* baseline, `--baseline global` (default; what the benchmark's definition asks for: a bare single-process loop with
+  the same model, batch and optimizer): ONE process with 2 torch threads (both cores) training on the global batch
+  (2·B sequences of T per step), otherwise exactly as below. Its step is directly comparable with the platform's
+  step (same tokens, same cores).
+* baseline, `--baseline pair` ("bare PyTorch x2", the stricter floor): the same model built by the same code from
+  the same config and seed
   (`stages.build_stage_model`: `ErnieForCausalLM`, fp32), the same optimizer and LR schedule
   (`strategy.build_optimizer`: torch AdamW betas 0.9/0.95, same lr / weight decay, the same `LambdaLR`), gradient
   clipping with `torch.nn.utils.clip_grad_norm_` at `trainer.grad_clip`, the same data stream
@@ -76,6 +81,7 @@ if __package__ in (None, ""):  # `python benchmarks/train_throughput.py`: make t
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
 TARGET_OVERHEAD = 0.10
+MAX_BASELINE_SPREAD = 0.10  # above this the verdict is withheld
 WORKERS = 2
 
 
@@ -111,11 +117,14 @@ def base_overrides(args: argparse.Namespace, storage: str, name: str) -> list[st
 
 
 # ---- baseline: bare PyTorch loop -------------------------------------------------------------------------------------
-def baseline_worker(plain: dict, rank: int, world: int, steps: int, barrier: Any, queue: Any) -> None:
-    """One bare training process (1 thread): build, wait on the barrier, train `steps` steps; puts its step times."""
+def baseline_worker(
+    plain: dict, rank: int, world: int, steps: int, barrier: Any, queue: Any, threads: int = 1
+) -> None:
+    """One bare training process (`threads` torch threads): build, wait on the barrier, train `steps` steps; puts
+    its step times."""
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     from ernie_platform.data import make_batches
     from ernie_platform.training.stages import build_stage_model, param_groups
     from ernie_platform.training.strategy import build_optimizer
@@ -168,8 +177,13 @@ def run_baseline(plain: dict, steps: int, warmup: int, mode: str, flops_tok: flo
     ctx = mp.get_context("spawn")
     n = WORKERS if mode == "pair" else 1
     world = WORKERS if mode == "pair" else 1
+    threads = WORKERS if mode == "global" else 1
+    if mode == "global":  # one process doing the whole global batch on every core
+        micro = WORKERS * int(plain["trainer"]["micro_batch_size"])
+        plain = {**plain, "trainer": {**plain["trainer"], "micro_batch_size": micro}}
     barrier, queue = ctx.Barrier(n), ctx.Queue()
-    procs = [ctx.Process(target=baseline_worker, args=(plain, r, world, steps, barrier, queue)) for r in range(n)]
+    procs = [ctx.Process(target=baseline_worker, args=(plain, r, world, steps, barrier, queue, threads))
+             for r in range(n)]  # fmt: skip
     for p in procs:
         p.start()
     results = [queue.get(timeout=1800) for _ in procs]
@@ -180,7 +194,7 @@ def run_baseline(plain: dict, steps: int, warmup: int, mode: str, flops_tok: flo
     tok_step = int(t["micro_batch_size"]) * int(t["seq_len"])
     medians = [statistics.median(r["times"][warmup:]) for r in results]
     rate = sum(tok_step / m for m in medians)  # tokens/s of all baseline processes together
-    cores = n  # a single 1-thread process uses 1 core; the pair uses both
+    cores = n * threads  # the pair and the global process use both cores, `single` one
     step_s = tok_step * n / rate
     note = " / ".join(f"rank {r['rank']}: {1e3 * m:.0f} ms" for r, m in zip(results, medians))
     best_s = tok_step * n / sum(tok_step / min(r["times"][warmup:]) for r in results)
@@ -350,9 +364,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--model", default="ernie45_demo_moe", help="conf/model preset (default ernie45_demo_moe)")
     p.add_argument(
         "--baseline",
-        choices=("pair", "single"),
-        default="pair",
-        help="pair: 2 concurrent 1-thread processes (default); single: one 1-thread process, other core idle",
+        choices=("global", "pair", "single"),
+        default="global",
+        help="global: one process, 2 threads, the global batch (default; the issue's 'bare single-process loop with "
+        "the same batch'); pair: 2 concurrent 1-thread processes with one micro batch each (zero-communication "
+        "floor); single: one 1-thread process with one micro batch, other core idle",
     )
     p.add_argument(
         "--variants",
@@ -406,7 +422,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     t_main = time.time()
     rows: list[Measured] = []
-    tag = "x2 processes" if args.baseline == "pair" else "x1 process, 1 core"
+    tag = {"pair": "x2 processes", "single": "x1 process, 1 core", "global": "x1 process, 2 threads"}[args.baseline]
     print(f"\n== [{time.time() - t_main:.0f} s] baseline (before): bare PyTorch {tag}", flush=True)
     before = run_baseline(plain, args.steps, args.warmup, args.baseline, flops_tok, f"bare PyTorch {tag} (before)")
     print(f"   {1e3 * before.step_s:.1f} ms/step ({before.note})", flush=True)
@@ -429,8 +445,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     after = run_baseline(plain, args.steps, args.warmup, args.baseline, flops_tok, f"bare PyTorch {tag} (after)")
     print(f"   {1e3 * after.step_s:.1f} ms/step ({after.note})", flush=True)
     ref_s = (before.step_s + after.step_s) / 2
-    g_tok = (WORKERS if args.baseline == "pair" else 1) * tok_step
-    cores = WORKERS if args.baseline == "pair" else 1
+    g_tok = (1 if args.baseline == "single" else WORKERS) * tok_step
+    cores = 1 if args.baseline == "single" else WORKERS
     spread = abs(before.step_s - after.step_s) / ref_s
     ref = Measured(f"bare PyTorch {tag} (reference = mean)", ref_s, g_tok / ref_s,
                    g_tok * flops_tok / ref_s / (cores * cpu_peak()), min(before.best_s, after.best_s),
@@ -463,7 +479,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     main_metric = platform_rows[0][0]
     ov_wall = main_wall.step_s / ref.step_s - 1
     ov_metric = main_metric.step_s / ref.step_s - 1
-    verdict = "PASS" if ov_wall <= TARGET_OVERHEAD else "MISS"
+    # A baseline that moved a lot between before and after means the machine's load changed under the measurement.
+    steady = spread <= MAX_BASELINE_SPREAD
+    verdict = ("PASS" if ov_wall <= TARGET_OVERHEAD else "MISS") if steady else "INCONCLUSIVE (machine not steady)"
     print(f"\nsteady-state per-step overhead of the platform: {ov_wall:+.1%} (wall per step; "
           f"{ov_metric:+.1%} by MLflow step_time_s) — target <= {TARGET_OVERHEAD:.0%}: {verdict}")  # fmt: skip
     if spread > 0.05:

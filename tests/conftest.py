@@ -15,7 +15,8 @@ def ray_local():
     started = not ray.is_initialized()
     if started:
         # 4 logical CPUs on 2 cores: 2 train workers + room for Ray Data read tasks and small actors.
-        ray.init(num_cpus=4, include_dashboard=False)
+        # address="local": never join a cluster that `ray start` left running on this machine.
+        ray.init(address="local", num_cpus=4, include_dashboard=False)
     yield
     if started:
         ray.shutdown()

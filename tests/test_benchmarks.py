@@ -27,6 +27,17 @@ def test_train_throughput_benchmark_quick_runs_platform_and_baseline() -> None:
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
-    assert "bare PyTorch x2 processes (reference = mean)" in out
+    assert "bare PyTorch x1 process, 2 threads (reference = mean)" in out
     assert "platform: step_time_s (MLflow)" in out
     assert "steady-state per-step overhead of the platform" in out
+
+
+def test_serve_load_benchmark_quick_runs_both_modes_and_baselines() -> None:
+    """Ray Serve (pd and colocated) under load, the in-process engine and transformers' generate, with the verdict."""
+    cmd = [sys.executable, "benchmarks/serve_load.py", "--quick"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "| serve pd | 32 |" in out and "| serve colocated | 32 |" in out
+    assert "transformers batched generate" in out and "engine in-process" in out
+    assert "verdict:" in out and "TTFT p50 at conc 1" in out

@@ -175,6 +175,17 @@ def test_group_lr_factor_frozen_then_schedule() -> None:
     assert GroupLRFactor({**TRAINER, "lr": 0.0}, (), "text")(5) == 0.0
 
 
+def test_group_lr_factor_scale_multiplies_the_schedule_and_respects_frozen_phases() -> None:
+    text = GroupLRFactor(TRAINER, WARM_VISION, "text")
+    slow = GroupLRFactor(TRAINER, WARM_VISION, "vision", scale=0.25)
+    sched = schedule_fn(TRAINER)
+    assert all(slow(s) == pytest.approx(0.25 * sched(s) / 2.0) for s in range(12))
+    frozen_text = GroupLRFactor(TRAINER, WARM_VISION, "text", scale=3.0)
+    assert [frozen_text(s) for s in range(3)] == [0.0, 0.0, 0.0]  # a frozen phase stays frozen whatever the scale
+    assert frozen_text(5) == pytest.approx(3.0 * text(5))
+    assert GroupLRFactor(TRAINER, (), "vision", scale=0.0)(5) == 0.0
+
+
 def _is_plain(obj: Any) -> bool:
     if isinstance(obj, (str, int, float, bool, type(None))):
         return True
@@ -278,6 +289,22 @@ def test_build_optimizer_frozen_group_keeps_weights() -> None:
             assert all(b_same), f"frozen group moved at step {step}"
         else:
             assert not any(b_same), f"unfrozen group did not move at step {step}"
+
+
+def test_build_optimizer_lr_scale_per_group() -> None:
+    model = _TwoPart()
+    cfg = {"lr": 0.01, "max_steps": 4, "warmup_steps": 0, "min_lr_ratio": 0.1}
+    groups = {"text": list(model.a.parameters()), "vision": list(model.b.parameters())}
+    opt, sched = build_optimizer(model, cfg, groups, (), lr_scale={"vision": 0.0})
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.01, 0.0])
+    before_b = _snapshot(model.b)
+    loss = model(torch.randn(8, 4)).pow(2).mean()
+    loss.backward()
+    opt.step()
+    sched.step()
+    assert all(torch.equal(a, b) for a, b in zip(before_b, _snapshot(model.b)))  # scale 0: never moves
+    _, sched2 = build_optimizer(model, cfg, groups, (), lr_scale={"vision": 0.5})
+    assert [g["lr"] for g in sched2.optimizer.param_groups] == pytest.approx([0.01, 0.005])
 
 
 def test_build_optimizer_default_group_and_bad_schedule() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -27,6 +27,11 @@ __all__ = [
     "MoEConfig",
     "PhaseConfig",
     "RunConfig",
+    "ServeActorOptions",
+    "ServeAutoscalingConfig",
+    "ServeConfig",
+    "ServeDeploymentConfig",
+    "ServeEngineConfig",
     "StageConfig",
     "TrainerConfig",
     "VisionSchema",
@@ -144,6 +149,9 @@ class StageConfig:
     init_from: Optional[str] = None
     rope_theta: Optional[float] = None  # RoPE base to train with (raised for long context); None keeps the model's
     phases: List[PhaseConfig] = field(default_factory=list)  # empty: one phase training everything
+    # Learning-rate multiplier per parameter group (text | vision | resampler | vision_experts) in every phase; a
+    # freshly initialised ViT, for one, loses the colour/shape features of its random init at the LM's rate.
+    lr_scale: Dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -154,6 +162,87 @@ class RunConfig:
 
 
 @dataclass
+class ServeEngineConfig:
+    """`serve.engine`: the `Engine` each prefill / decode / colocated replica builds (docs/inference.md)."""
+
+    max_batch_size: int = 32  # KV pool rows = sequences decoded together
+    max_seq_len: int = 2048  # prompt + max_tokens per sequence (capped at the model's max_position_embeddings)
+    kv_budget_tokens: Optional[int] = None  # None: max_batch_size * max_seq_len
+    dtype: Optional[str] = None  # None (checkpoint/fp32) | float32 | bfloat16 | float16
+    device: str = "cpu"  # cpu | cuda (then give the deployment ray_actor_options.num_gpus)
+    torch_threads: int = 1  # intra-op threads per replica; 1 is fastest for small models on CPU
+
+
+@dataclass
+class ServeAutoscalingConfig:
+    """Ray Serve `autoscaling_config` of a deployment; `enabled: false` uses the fixed `num_replicas`."""
+
+    enabled: bool = False
+    min_replicas: int = 1
+    max_replicas: int = 4
+    initial_replicas: Optional[int] = None
+    target_ongoing_requests: float = 16.0  # per replica; above it Serve adds replicas
+    upscale_delay_s: float = 10.0
+    downscale_delay_s: float = 300.0
+
+
+@dataclass
+class ServeActorOptions:
+    """Ray actor options of each replica of a deployment."""
+
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+    memory: Optional[int] = None  # bytes
+    resources: Dict[str, float] = field(default_factory=dict)  # custom Ray resources
+
+
+@dataclass
+class ServeDeploymentConfig:
+    """One Ray Serve deployment (`serve.ingress`, `serve.prefill`, `serve.decode`, `serve.colocated`)."""
+
+    num_replicas: int = 1  # ignored when autoscaling_config.enabled
+    autoscaling_config: ServeAutoscalingConfig = field(default_factory=ServeAutoscalingConfig)
+    # Serve's default (5) would cap a decode replica at 5 concurrent streams; continuous batching wants many.
+    max_ongoing_requests: int = 256
+    ray_actor_options: ServeActorOptions = field(default_factory=ServeActorOptions)
+
+
+@dataclass
+class ServeConfig:
+    """`python -m workloads.serve`: Ray Serve app with an OpenAI-compatible API (docs/serving.md)."""
+
+    mode: str = "pd"  # pd (ingress -> prefill -> decode replicas) | colocated (one engine deployment)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    app_name: str = "ernie"
+    route_prefix: str = "/"
+    model_name: Optional[str] = None  # None: the checkpoint directory's name, or "ernie45-demo"
+    # Bearer key; None: no auth unless the ERNIE_SERVE_API_KEY environment variable is set (keeps it out of logs).
+    api_key: Optional[str] = None
+    disagg_min_prompt_tokens: int = 32  # pd mode: shorter prompts prefill on the decode replica
+    max_n: int = 8  # largest `n` a request may ask for
+    default_max_tokens: int = 256  # chat requests without max_tokens (capped by the context left)
+    retries: int = 1  # re-run a request whose engine replica died before anything was sent to the client
+    # Serve's direct gRPC transport for the token streams (handle `_by_reference=False`, and the HTTP proxy's
+    # RAY_SERVE_PROXY_USE_GRPC when this process starts Ray); false: Ray's object-store path everywhere.
+    grpc_transport: bool = True
+    graceful_shutdown_timeout_s: float = 5.0
+    engine: ServeEngineConfig = field(default_factory=ServeEngineConfig)
+    ingress: ServeDeploymentConfig = field(
+        default_factory=lambda: ServeDeploymentConfig(
+            max_ongoing_requests=512, ray_actor_options=ServeActorOptions(num_cpus=0.25)
+        )
+    )
+    prefill: ServeDeploymentConfig = field(default_factory=ServeDeploymentConfig)
+    decode: ServeDeploymentConfig = field(
+        default_factory=lambda: ServeDeploymentConfig(ray_actor_options=ServeActorOptions(num_cpus=1.0))
+    )
+    colocated: ServeDeploymentConfig = field(
+        default_factory=lambda: ServeDeploymentConfig(ray_actor_options=ServeActorOptions(num_cpus=1.0))
+    )
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -161,13 +250,16 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     stage: StageConfig = field(default_factory=StageConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 def register_configs() -> None:
-    """Store the schemas in Hydra's ConfigStore (idempotent): `config_schema` (root) and `model/model_schema`."""
+    """Store the schemas in Hydra's ConfigStore (idempotent): `config_schema` (root), `model/model_schema` and
+    `serve/serve_schema`."""
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="serve", name="serve_schema", node=ServeConfig)
 
 
 def to_model_args(cfg_model: Any) -> ErnieModelArgs:
@@ -340,9 +432,18 @@ def _check_choices(cfg: DictConfig) -> None:
         total += phase.fraction
     if total > 1.0 + 1e-9:
         raise bad("stage.phases[*].fraction", total, "fractions that sum to at most 1")
+    for group, scale in (stage.get("lr_scale") or {}).items():
+        if group not in PARAM_GROUPS[1:]:
+            raise bad("stage.lr_scale", group, f"a parameter group of {list(PARAM_GROUPS[1:])}")
+        if scale < 0:
+            raise bad(f"stage.lr_scale.{group}", scale, "a multiplier >= 0")
     vl_only = [g for p in stage.phases for g in p.train if g in ("vision", "resampler", "vision_experts")]
+    vl_only += [g for g in (stage.get("lr_scale") or {}) if g in ("vision", "resampler", "vision_experts")]
     if vl_only and cfg.model.get("vision") is None:
-        raise ValueError(f"config: stage.phases train {sorted(set(vl_only))} but model {cfg.model.name} has no vision")
+        raise ValueError(
+            f"config: stage.phases / stage.lr_scale name {sorted(set(vl_only))} but model {cfg.model.name} "
+            "has no vision"
+        )
     ep = cfg.moe.expert_parallel_size
     if ep > 1:
         if t.num_workers % ep:

@@ -204,20 +204,32 @@ class Engine:
     def prefill(self, prompt_ids: list[int], params: SamplingParams) -> PrefillResult:
         """Prompt KV + first token(s) for disaggregated serving; continue with `add_request(id, result, params)` on a
         decode engine (same model). Thread-safe."""
-        req = _Request("prefill", [], params)
-        req.prompt_ids = self._check("prefill", prompt_ids, params)
-        self._new_seqs(req)
-        logits, cache = self._prefill_forward([req.prompt_ids])
-        events = self._sample_and_advance(req.seqs, logits[[0] * params.n])
-        kv = kv_to_cpu(cache.read_row(0))
-        states = [
-            {"rng": s.sampler.state()["rng"], "detok": s.detok.state(), "first": ev, "output_ids": list(s.output_ids),
-             "logprobs": None if s.logprobs is None else list(s.logprobs)}
-            for s, ev in zip(req.seqs, events)
-        ]  # fmt: skip
+        return self.prefill_batch([prompt_ids], [params])[0]
+
+    def prefill_batch(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[PrefillResult]:
+        """`prefill` of several prompts in one batched forward (as admission does); ValueError if any is invalid."""
+        reqs = []
+        for prompt_ids, p in zip(prompts, params, strict=True):
+            req = _Request("prefill", [], p)
+            req.prompt_ids = self._check("prefill", prompt_ids, p)
+            self._new_seqs(req)
+            reqs.append(req)
+        logits, cache = self._prefill_forward([r.prompt_ids for r in reqs])
+        rows = [i for i, r in enumerate(reqs) for _ in r.seqs]
+        events = iter(self._sample_and_advance([s for r in reqs for s in r.seqs], logits[rows]))
+        out = []
+        for i, req in enumerate(reqs):
+            kv = kv_to_cpu(cache.read_row(i, len(req.prompt_ids)))
+            evs = [next(events) for _ in req.seqs]
+            states = [
+                {"rng": s.sampler.state()["rng"], "detok": s.detok.state(), "first": ev,
+                 "output_ids": list(s.output_ids), "logprobs": None if s.logprobs is None else list(s.logprobs)}
+                for s, ev in zip(req.seqs, evs)
+            ]  # fmt: skip
+            out.append(PrefillResult(list(req.prompt_ids), evs[0], kv, states, req.params))
         with self._lock:
-            self._counters["prefills_local"] += 1
-        return PrefillResult(list(req.prompt_ids), events[0], kv, states, params)
+            self._counters["prefills_local"] += len(reqs)
+        return out
 
     # ---- the step loop -------------------------------------------------------------------------------------------
     def step(self) -> dict[str, list[TokenEvent]]:

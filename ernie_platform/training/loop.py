@@ -205,6 +205,21 @@ def _write_export(save_pretrained: Any, model: torch.nn.Module, target: str, tok
         save_pretrained(model, Path(target.removeprefix("file://")), tokenizer=tokenizer)
 
 
+def _quiet_ray_train_reports() -> None:
+    """Ray Train logs every report (all metrics) and every checkpoint at INFO from each worker, which buries the
+    driver's progress line; the job prints and tracks those itself."""
+    import importlib
+
+    for module in ("ray.train.v2._internal.execution.context", "ray.train.v2._internal.execution.storage"):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:  # another Ray version: keep its logging as is
+            continue
+        for name in {mod.__name__, getattr(mod, "__file__", "")}:
+            if name:
+                logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry: `config` = {"cfg": resolved config (plain containers), "tracking_uri", "run_id",
     "progress": ProgressBoard actor handle or None}."""
@@ -212,6 +227,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from ernie_platform.data import DataStats, make_batches
 
+    _quiet_ray_train_reports()
     cfg, t = config["cfg"], config["cfg"]["trainer"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -246,7 +262,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             print(f"stage phases {[p['name'] for p in phases]} skipped: the model starts from scratch", flush=True)
         phases = []
     engine, optimizer, scheduler = build_engine(
-        model, ds_trainer, world, use_gpu, param_groups=param_groups(model), phases=phases
+        model,
+        ds_trainer,
+        world,
+        use_gpu,
+        param_groups=param_groups(model),
+        phases=phases,
+        lr_scale=(cfg.get("stage") or {}).get("lr_scale") or {},
     )
     if ep > 1:
         engine.enable_backward_allreduce = False

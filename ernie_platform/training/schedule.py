@@ -90,22 +90,25 @@ def phase_at(windows: Sequence[tuple[str, int, int, frozenset[str]]], step: int)
 
 
 class GroupLRFactor:
-    """Picklable LambdaLR factor for one optimizer group: schedule(step) / lr, or 0 while the group is frozen.
+    """Picklable LambdaLR factor for one optimizer group: scale * schedule(step) / lr, or 0 while the group is frozen.
 
     Only plain data lives in `__dict__`: LambdaLR.state_dict() saves a callable object's `__dict__`, and DeepSpeed
     checkpoints that state."""
 
-    def __init__(self, trainer_cfg: Mapping[str, Any], phases: Sequence[Mapping[str, Any]], group: str):
+    def __init__(
+        self, trainer_cfg: Mapping[str, Any], phases: Sequence[Mapping[str, Any]], group: str, scale: float = 1.0
+    ):
         self.trainer_cfg = dict(trainer_cfg)
         self.phases = [{**p, "train": list(p.get("train", ["all"]))} for p in phases]
         self.group = group
+        self.scale = float(scale)
 
     def __call__(self, step: int) -> float:
         lr = float(self.trainer_cfg["lr"])
         if lr <= 0:
             return 0.0
         _, groups = phase_at(phase_windows(self.phases, int(self.trainer_cfg["max_steps"])), step)
-        return schedule_fn(self.trainer_cfg)(step) / lr if self.group in groups else 0.0
+        return self.scale * schedule_fn(self.trainer_cfg)(step) / lr if self.group in groups else 0.0
 
 
 __all__ = [

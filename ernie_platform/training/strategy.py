@@ -136,10 +136,11 @@ def build_optimizer(
     trainer_cfg: Any,
     param_groups: Mapping[str, list[torch.nn.Parameter]] | None = None,
     phases: Any = (),
+    lr_scale: Mapping[str, float] | None = None,
 ) -> tuple[torch.optim.Optimizer, Any]:
     """torch AdamW and its LambdaLR. `param_groups` (name -> parameters, names from `schedule.PARAM_GROUPS`) gives
-    one optimizer group each, frozen (factor 0) outside the `phases` that train it; None: one group of every
-    trainable parameter."""
+    one optimizer group each, frozen (factor 0) outside the `phases` that train it and with its learning rate
+    multiplied by `lr_scale[name]` (default 1); None: one group of every trainable parameter."""
     if param_groups is None:
         param_groups = {"text": [p for p in model.parameters() if p.requires_grad]}
     groups = [(name, params) for name, params in param_groups.items() if params]
@@ -152,7 +153,8 @@ def build_optimizer(
     cfg = _trainer_mapping(trainer_cfg)
     schedule_fn(cfg)  # validates lr_schedule
     phases = [dict(p) if isinstance(p, Mapping) else _plain_phase(p) for p in phases]
-    factors = [GroupLRFactor(cfg, phases, name) for name, _ in groups]
+    scale = dict(lr_scale or {})
+    factors = [GroupLRFactor(cfg, phases, name, float(scale.get(name, 1.0))) for name, _ in groups]
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factors)
 
 
@@ -211,6 +213,7 @@ def build_engine(
     allow_shm_op: bool = False,
     param_groups: Mapping[str, list[torch.nn.Parameter]] | None = None,
     phases: Any = (),
+    lr_scale: Mapping[str, float] | None = None,
 ) -> tuple[Any, Any, Any]:
     """Wrap `model` in a DeepSpeed engine: returns `(engine, optimizer, lr_scheduler)` from `deepspeed.initialize`.
 
@@ -223,7 +226,7 @@ def build_engine(
         raise ValueError(f"router parameters/buffers must be fp32 before build_engine: {bad}")
     init_deepspeed_comm(use_gpu, allow_shm_op)
     config = deepspeed_config(trainer_cfg, world_size, use_gpu)
-    opt, sched = build_optimizer(model, trainer_cfg, param_groups, phases)
+    opt, sched = build_optimizer(model, trainer_cfg, param_groups, phases, lr_scale)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=opt, lr_scheduler=sched, config=config, dist_init_required=False
     )

@@ -1,1 +1,2 @@
-"""Ray Serve deployment with an OpenAI-compatible API. Not implemented yet: lands with issue #6."""
+"""`python -m workloads.serve` — the Ray Serve OpenAI-compatible app (docs/serving.md); `workloads.serve.app` holds
+the importable application for `serve run` / `serve build` / KubeRay."""

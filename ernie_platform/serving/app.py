@@ -1,0 +1,286 @@
+"""Build the Ray Serve application from the composed config, and run it (`python -m workloads.serve`).
+
+`build_application(cfg)` resolves the config in the driver (plain containers, absolute paths, the model to serve,
+its name and limits) and binds the deployment graph:
+
+    pd:         Ingress(cfg, Prefill, Decode)      Prefill = EngineServer("prefill"), Decode = EngineServer("decode")
+    colocated:  Ingress(cfg, None, Engine)         Engine = EngineServer("colocated")
+
+`run_server(cfg)` connects to Ray (`ernie_platform.training.job.connect_ray`: RAY_ADDRESS, a running local cluster,
+or a new local instance; RAY_ADDRESS=local forces a new one), starts Serve's HTTP proxy on serve.host:serve.port,
+deploys the app and blocks until SIGINT/SIGTERM, then deletes the app (and shuts Serve and Ray down when it started
+them).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+TEXT_MODEL_TYPES = ("ernie4_5", "ernie4_5_moe")
+DEMO_MODEL_NAME = "ernie45-demo"
+API_KEY_ENV = "ERNIE_SERVE_API_KEY"
+
+
+def latest_export(storage_path: str) -> Optional[Path]:
+    """Newest `<storage_path>/*/export` with a text model's config.json (VL exports are skipped: no VL serving)."""
+    if "://" in storage_path and not storage_path.startswith("file://"):
+        return None
+    root = Path(storage_path.removeprefix("file://")).expanduser()
+    found = []
+    for cfg in root.glob("*/export/config.json"):
+        try:
+            model_type = json.loads(cfg.read_text()).get("model_type")
+        except (OSError, ValueError):
+            continue
+        if model_type in TEXT_MODEL_TYPES:
+            found.append((cfg.stat().st_mtime, cfg.parent))
+        else:
+            log.info("serve: skipping %s (model_type %s: VL serving is not implemented)", cfg.parent, model_type)
+    return max(found)[1] if found else None
+
+
+def model_name_for(path: Optional[str]) -> str:
+    """`<run>` for `.../<run>/export`, else the checkpoint directory's name; the demo model's name without a path."""
+    if not path:
+        return DEMO_MODEL_NAME
+    p = Path(path)
+    return p.parent.name if p.name == "export" and p.parent.name else p.name
+
+
+def model_limits(path: Optional[str]) -> dict[str, Any]:
+    """vocab_size and max_position_embeddings of the model to serve; a VL checkpoint is refused."""
+    from ernie_platform.inference.loading import demo_model_args
+    from ernie_platform.models.config import ErnieModelArgs
+
+    if path is None:
+        args = demo_model_args()
+    else:
+        cfg_file = Path(path) / "config.json"
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"model.path={path}: no config.json (expected a transformers-layout checkpoint)")
+        d = json.loads(cfg_file.read_text())
+        if d.get("model_type") not in TEXT_MODEL_TYPES:
+            raise ValueError(
+                f"model.path={path}: model_type {d.get('model_type')!r} cannot be served (text models "
+                f"{TEXT_MODEL_TYPES} only; VL serving is not implemented)"
+            )
+        args = ErnieModelArgs.from_hf_dict(d, source=str(cfg_file))
+    return {"vocab_size": int(args.vocab_size), "max_position_embeddings": int(args.max_position_embeddings)}
+
+
+def validate_serve(s: dict[str, Any]) -> None:
+    def bad(key: str, why: str) -> ValueError:
+        return ValueError(f"config: serve.{key}={_get(s, key)!r} {why}")
+
+    if s["mode"] not in ("pd", "colocated"):
+        raise bad("mode", "is not valid (expected pd or colocated)")
+    if not 0 <= int(s["port"]) < 65536:
+        raise bad("port", "is not a TCP port")
+    if not str(s["route_prefix"]).startswith("/"):
+        raise bad("route_prefix", "must start with '/'")
+    e = s["engine"]
+    for key in ("max_batch_size", "max_seq_len", "torch_threads"):
+        if int(e[key]) < 1:
+            raise bad(f"engine.{key}", "must be >= 1")
+    if e["max_seq_len"] < 2:
+        raise bad("engine.max_seq_len", "must be >= 2")
+    if not 1 <= int(s["max_n"]) <= int(e["max_batch_size"]):
+        raise bad("max_n", f"must be in [1, engine.max_batch_size={e['max_batch_size']}]")
+    for key in ("disagg_min_prompt_tokens", "default_max_tokens"):
+        if int(s[key]) < 1:
+            raise bad(key, "must be >= 1")
+    if int(s["retries"]) < 0:
+        raise bad("retries", "must be >= 0")
+    if e["dtype"] not in (None, "float32", "bfloat16", "float16"):
+        raise bad("engine.dtype", "is not valid (null, float32, bfloat16 or float16)")
+    for name in ("ingress", "prefill", "decode", "colocated"):
+        d = s[name]
+        if int(d["num_replicas"]) < 1 and not d["autoscaling_config"]["enabled"]:
+            raise bad(f"{name}.num_replicas", "must be >= 1 (or enable autoscaling_config)")
+        a = d["autoscaling_config"]
+        if a["enabled"] and not 0 <= a["min_replicas"] <= a["max_replicas"]:
+            raise bad(f"{name}.autoscaling_config", "needs 0 <= min_replicas <= max_replicas")
+        if int(d["max_ongoing_requests"]) < 1:
+            raise bad(f"{name}.max_ongoing_requests", "must be >= 1")
+
+
+def _get(d: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        d = d[part]
+    return d
+
+
+def resolve_serve_config(cfg: Union[DictConfig, dict[str, Any]]) -> dict[str, Any]:
+    """Plain config with `model.path` absolute (or the newest local export, or None for the demo model) and the
+    derived serving facts under `serve.resolved`."""
+    plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else copy.deepcopy(dict(cfg))
+    s = plain["serve"]
+    validate_serve(s)
+    path = plain["model"].get("path")
+    if path:
+        path = str(Path(path).expanduser().resolve())
+    else:
+        found = latest_export(str(plain["run"]["storage_path"]))
+        if found is not None:
+            path = str(found.resolve())
+            log.warning("serve: no model.path given, serving the newest local export %s", path)
+    plain["model"]["path"] = path
+    limits = model_limits(path)
+    e = s["engine"]
+    max_seq_len = min(int(e["max_seq_len"]), limits["max_position_embeddings"])
+    budget = e["kv_budget_tokens"] or int(e["max_batch_size"]) * max_seq_len
+    replicas = {name: _replica_count(s[name]) for name in ("prefill", "decode", "colocated")}
+    s["resolved"] = {
+        "model_path": path,
+        "model_name": s["model_name"] or model_name_for(path),
+        "api_key": s["api_key"] or os.environ.get(API_KEY_ENV) or None,
+        "max_seq_len": max_seq_len,
+        "kv_budget_tokens": int(budget),
+        "vocab_size": limits["vocab_size"],
+        "replicas": {
+            "prefill": replicas["prefill"],
+            "engine": replicas["decode"] if s["mode"] == "pd" else replicas["colocated"],
+        },
+    }
+    return plain
+
+
+def _replica_count(d: dict[str, Any]) -> int:
+    a = d["autoscaling_config"]
+    return max(1, min(int(a["max_replicas"]), 8)) if a["enabled"] else int(d["num_replicas"])
+
+
+def deployment_options(d: dict[str, Any], name: str, graceful_s: float) -> dict[str, Any]:
+    """Ray Serve `.options(...)` of one deployment from its `serve.<name>` node."""
+    ao = d["ray_actor_options"]
+    actor = {"num_cpus": float(ao["num_cpus"])}
+    if ao.get("num_gpus"):
+        actor["num_gpus"] = float(ao["num_gpus"])
+    if ao.get("memory"):
+        actor["memory"] = int(ao["memory"])
+    if ao.get("resources"):
+        actor["resources"] = dict(ao["resources"])
+    opts: dict[str, Any] = {
+        "name": name,
+        "max_ongoing_requests": int(d["max_ongoing_requests"]),
+        "ray_actor_options": actor,
+        "graceful_shutdown_timeout_s": float(graceful_s),
+        "graceful_shutdown_wait_loop_s": 0.5,
+    }
+    a = d["autoscaling_config"]
+    if a["enabled"]:
+        opts["autoscaling_config"] = {k: v for k, v in a.items() if k != "enabled" and v is not None}
+    else:
+        opts["num_replicas"] = int(d["num_replicas"])
+    return opts
+
+
+def build_application(cfg: Union[DictConfig, dict[str, Any]]) -> Any:
+    """The bound Serve application (ingress deployment at the root of the graph)."""
+    from ray import serve
+
+    from ernie_platform.serving.engine_server import EngineServer
+    from ernie_platform.serving.ingress import Ingress
+
+    plain = cfg if isinstance(cfg, dict) and "resolved" in cfg.get("serve", {}) else resolve_serve_config(cfg)
+    s, r = plain["serve"], plain["serve"]["resolved"]
+    engine_cfg = {**s["engine"], "max_seq_len": r["max_seq_len"], "kv_budget_tokens": r["kv_budget_tokens"],
+                  "max_n": int(s["max_n"])}  # fmt: skip
+    graceful = float(s["graceful_shutdown_timeout_s"])
+    ingress_cfg = {
+        "mode": s["mode"],
+        "model_name": r["model_name"],
+        "model_path": r["model_path"],
+        "api_key": r["api_key"],
+        "max_seq_len": r["max_seq_len"],
+        "kv_budget_tokens": r["kv_budget_tokens"],
+        "vocab_size": r["vocab_size"],
+        "is_vl": False,
+        "max_n": int(s["max_n"]),
+        "default_max_tokens": int(s["default_max_tokens"]),
+        "disagg_min_prompt_tokens": int(s["disagg_min_prompt_tokens"]),
+        "retries": int(s["retries"]),
+        "grpc_transport": bool(s["grpc_transport"]),
+        "replicas": r["replicas"],
+    }
+
+    def dep(cls: Any, name: str, node: str) -> Any:
+        return serve.deployment(cls).options(**deployment_options(s[node], name, graceful))
+
+    path = r["model_path"]
+    if s["mode"] == "pd":
+        prefill = dep(EngineServer, "Prefill", "prefill").bind("prefill", path, engine_cfg)
+        engine = dep(EngineServer, "Decode", "decode").bind("decode", path, engine_cfg)
+    else:
+        prefill, engine = None, dep(EngineServer, "Engine", "colocated").bind("colocated", path, engine_cfg)
+    return dep(Ingress, "Ingress", "ingress").bind(ingress_cfg, prefill, engine)
+
+
+def cpus_needed(s: dict[str, Any]) -> int:
+    names = ("ingress", "prefill", "decode") if s["mode"] == "pd" else ("ingress", "colocated")
+    total = sum(float(s[n]["ray_actor_options"]["num_cpus"]) * _replica_count(s[n]) for n in names)
+    return max(1, math.ceil(total))
+
+
+def run_server(cfg: Union[DictConfig, dict[str, Any]]) -> None:
+    """Serve until SIGINT/SIGTERM, then delete the app (and stop Serve and Ray if this process started them)."""
+    import ray
+    from ray import serve
+
+    from ernie_platform.training.job import connect_ray
+
+    plain = resolve_serve_config(cfg)
+    s, r = plain["serve"], plain["serve"]["resolved"]
+    started_ray = not ray.is_initialized()
+    if s["grpc_transport"] and started_ray:
+        # Read by the HTTP proxy of a Ray instance this process starts (inherited environment): proxy -> ingress
+        # over gRPC too. A cluster we join keeps its own setting.
+        os.environ.setdefault("RAY_SERVE_PROXY_USE_GRPC", "1")
+    where = connect_ray(cpus_needed(s))
+    local = where == "new local instance"
+    name = r["model_name"]
+    print(f"[serve] Ray: {where}; model {name} ({r['model_path'] or 'demo model, random weights'}); "
+          f"mode {s['mode']}", flush=True)  # fmt: skip
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        print(f"[serve] {signal.Signals(signum).name}: shutting down", flush=True)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        serve.start(http_options={"host": s["host"], "port": int(s["port"])})
+        serve.run(build_application(plain), name=s["app_name"], route_prefix=s["route_prefix"])
+        base = f"http://{s['host']}:{s['port']}{s['route_prefix'].rstrip('/')}"
+        print(
+            f"[serve] ready: OpenAI API at {base}/v1 (model '{name}'"
+            f"{', API key required' if r['api_key'] else ''}); metrics {base}/metrics; Ctrl-C to stop\n"
+            f"  curl {base}/v1/completions -H 'Content-Type: application/json' "
+            f'-d \'{{"model": "{name}", "prompt": "Hello", "max_tokens": 16}}\'',
+            flush=True,
+        )
+        while not stop.wait(0.5):
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        try:
+            serve.delete(s["app_name"])
+            if local:
+                serve.shutdown()
+        finally:
+            if started_ray and local:
+                ray.shutdown()
+        print("[serve] stopped", flush=True)

@@ -1,0 +1,198 @@
+"""The engine replica: one `Engine` (+ `AsyncEngine`) per Ray Serve replica, in one of three roles.
+
+* `prefill`: `prefill(prompt_ids, params)` → `PrefillResult` (CPU tensors; Serve puts it in the object store and
+  hands it to a decode replica as a call argument, so the ingress never touches the KV).
+* `decode`: `generate(request_id, prompt_ids | PrefillResult | KVRef, params, want_tokens)` streams lists of `Tok`.
+  A `PrefillResult` (or a `KVRef` to one in the object store) is imported without recomputation; a token prompt
+  (short prompts) is prefilled here.
+* `colocated`: the same `generate`, always with token prompts.
+
+`generate` sends whatever tokens are ready as one list, so when the consumer is slower than the engine (many
+streams on a busy machine) several tokens travel in one Serve stream item instead of one item per token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any, AsyncIterator, Optional, Union
+
+from ernie_platform.inference import AsyncEngine, Engine, PrefillResult, SamplingParams
+from ernie_platform.serving.metrics import engine_gauges
+from ernie_platform.serving.responses import KVRef, Tok
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("float32", "bfloat16", "float16")
+PREFILL_BATCH = 16  # prompts per batched prefill forward on a prefill replica
+PREFILL_BATCH_TOKENS = 8192  # and at most about this many prompt tokens
+_END = object()
+
+
+def build_engine(model_path: Optional[str], engine_cfg: dict[str, Any], role: str) -> Engine:
+    import torch
+
+    dtype = engine_cfg.get("dtype")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"serve.engine.dtype={dtype!r} is not one of {DTYPES} (or null)")
+    # A prefill replica never decodes: a pool of max_n rows is enough for `Engine.prefill`'s checks.
+    rows = int(engine_cfg["max_n"]) if role == "prefill" else int(engine_cfg["max_batch_size"])
+    budget = None if role == "prefill" else engine_cfg.get("kv_budget_tokens")
+    return Engine.from_pretrained(
+        model_path,
+        max_batch_size=rows,
+        max_seq_len=int(engine_cfg["max_seq_len"]),
+        kv_budget_tokens=budget,
+        dtype=None if dtype is None else getattr(torch, dtype),
+        device=engine_cfg.get("device", "cpu"),
+    )
+
+
+class EngineServer:
+    """Serve deployment class (wrapped by `serve.deployment` in `ernie_platform.serving.app`)."""
+
+    def __init__(self, role: str, model_path: Optional[str], engine_cfg: dict[str, Any]):
+        import torch
+
+        # Tiny and mid-size models on CPU: intra-op threads only add contention (docs/inference.md).
+        torch.set_num_threads(int(engine_cfg.get("torch_threads", 1)))
+        self.role = role
+        self.engine = build_engine(model_path, engine_cfg, role)
+        self.aeng = AsyncEngine(self.engine)
+        self.replica, self.deployment, in_serve = _replica_identity(role)
+        self._gauges = engine_gauges() if in_serve else None
+        self._closed = threading.Event()
+        self._pending: list[tuple[list[int], SamplingParams, asyncio.Future]] = []
+        self._batcher: Optional[asyncio.Task] = None
+        if self._gauges:
+            threading.Thread(target=self._publish_gauges, name="ernie-gauges", daemon=True).start()
+        log.info("%s replica %s ready (max_batch_size=%d, max_seq_len=%d)", role, self.replica,
+                 self.engine.max_batch_size, self.engine.max_seq_len)  # fmt: skip
+
+    async def prefill(self, prompt_ids: list[int], params: SamplingParams) -> PrefillResult:
+        """Prompts that arrive while a prefill forward runs are prefilled together in the next one (one batched
+        forward instead of one per prompt: what keeps a prefill replica ahead of bursts)."""
+        fut = asyncio.get_running_loop().create_future()
+        self._pending.append((prompt_ids, params, fut))
+        if self._batcher is None or self._batcher.done():
+            self._batcher = asyncio.create_task(self._prefill_batches())
+        return await fut
+
+    async def _prefill_batches(self) -> None:
+        while self._pending:
+            batch, tokens = [], 0
+            while self._pending and len(batch) < PREFILL_BATCH and tokens < PREFILL_BATCH_TOKENS:
+                item = self._pending.pop(0)
+                if not item[2].done():  # its caller was cancelled
+                    batch.append(item)
+                    tokens += len(item[0]) * item[1].n
+            if not batch:
+                continue
+            try:
+                results = await asyncio.to_thread(self.engine.prefill_batch, [b[0] for b in batch],
+                                                  [b[1] for b in batch])  # fmt: skip
+            except ValueError:  # some prompt is invalid: one by one, so each caller gets its own answer
+                results = None
+            except Exception as e:
+                for _, _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(e)
+                continue
+            for i, (ids, params, fut) in enumerate(batch):
+                if results is not None:
+                    result: Any = results[i]
+                else:
+                    try:
+                        result = await asyncio.to_thread(self.engine.prefill, ids, params)
+                    except Exception as e:
+                        result = e
+                if fut.done():
+                    continue
+                if isinstance(result, Exception):
+                    fut.set_exception(result)
+                else:
+                    fut.set_result(result)
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt: Union[list[int], PrefillResult, KVRef],
+        params: SamplingParams,
+        want_tokens: bool = False,
+    ) -> AsyncIterator[list[Tok]]:
+        if isinstance(prompt, KVRef):
+            prompt = await prompt.ref  # straight from the prefill replica's object store
+        q: asyncio.Queue = asyncio.Queue()
+
+        async def pump() -> None:
+            try:
+                async for ev in self.aeng.generate(request_id, prompt, params):
+                    q.put_nowait(ev)
+                q.put_nowait(_END)
+            except BaseException as e:  # noqa: B036 - handed to the consumer, which re-raises it
+                q.put_nowait(e)
+
+        task = asyncio.create_task(pump())
+        try:
+            while True:
+                items = [await q.get()]
+                while not q.empty():
+                    items.append(q.get_nowait())
+                out: list[Tok] = []
+                end = False
+                for it in items:
+                    if it is _END:
+                        end = True
+                    elif isinstance(it, BaseException):
+                        raise it
+                    else:
+                        out.append(Tok(it.index, it.token_id, it.text, it.logprob, it.top_logprobs, it.finish_reason,
+                                       self.engine.token_text(it.token_id) if want_tokens else None))  # fmt: skip
+                if out:
+                    yield out
+                if end:
+                    return
+        finally:
+            if not task.done():
+                task.cancel()  # closes the AsyncEngine stream, which aborts the request
+
+    async def stats(self) -> dict[str, Any]:
+        return {**self.aeng.stats(), "deployment": self.deployment, "replica": self.replica, "role": self.role}
+
+    async def actor_name(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_actor_name() or ""
+
+    def check_health(self) -> None:
+        if self._closed.is_set():
+            raise RuntimeError("engine replica is shutting down")
+
+    def _publish_gauges(self) -> None:
+        while not self._closed.wait(2.0):
+            try:
+                stats = self.engine.stats()
+                for k, g in self._gauges.items():
+                    g.set(float(stats.get(k, 0.0)))
+            except Exception:  # metrics must never take the replica down
+                log.debug("engine gauge update failed", exc_info=True)
+
+    def __del__(self) -> None:
+        closed = getattr(self, "_closed", None)
+        if closed is not None:
+            closed.set()
+        aeng = getattr(self, "aeng", None)
+        if aeng is not None:
+            aeng.shutdown()
+
+
+def _replica_identity(role: str) -> tuple[str, str, bool]:
+    """(replica id, deployment name, inside a Serve replica)."""
+    try:
+        from ray import serve
+
+        ctx = serve.get_replica_context()
+        return ctx.replica_id.unique_id, ctx.deployment, True
+    except Exception:  # outside Serve (unit use)
+        return "local", role, False

@@ -1,0 +1,425 @@
+"""The Ray Serve OpenAI app over real HTTP with the official `openai` client: both modes (pd and colocated) deployed
+once for the module on a tiny checkpoint, greedy parity with transformers, streaming, concurrency, the bad-input
+matrix, the API key, metrics, and a decode replica killed under load (last: it disturbs the pd app)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import ray
+import torch
+
+from ernie_platform.models import ErnieForCausalLM, ErnieModelArgs, load_tokenizer, save_pretrained
+from ernie_platform.serving.chat import encode_chat, render_chat
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+# conf/model/ernie45_tiny_moe.yaml with a larger init (clear greedy margins), as tests/test_inference_engine.py
+TINY = dict(
+    vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, rope_theta=10000.0, tie_word_embeddings=True,
+    moe_num_experts=8, moe_k=2, moe_intermediate_size=32, moe_num_shared_experts=1, initializer_range=0.3,
+)  # fmt: skip
+KEY = "sk-test-key"
+MODEL = "ckpt"  # derived from the checkpoint directory's name
+SHORT, LONG = "Hi", "The quick brown fox jumps over the lazy dog."  # 2 and 44 tokens: local vs disaggregated prefill
+GREEDY = dict(temperature=0, max_tokens=8, extra_body={"ignore_eos": True, "return_token_ids": True})
+PARITY = dict(temperature=0, max_tokens=8, extra_body={"return_token_ids": True})  # stops at EOS, as transformers
+TIMEOUT = 120.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    model = ErnieForCausalLM(ErnieModelArgs(**TINY)).eval()
+    return save_pretrained(model, tmp_path_factory.mktemp("serve") / "ckpt", tokenizer=load_tokenizer(None))
+
+
+@pytest.fixture(scope="module")
+def urls(ray_local, ckpt: Path) -> Any:
+    from ray import serve
+
+    from workloads.serve.app import build_app
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    common = {"model.path": str(ckpt), "serve.engine.max_seq_len": 256, "serve.engine.max_batch_size": 16}
+    pd = build_app({**common, "serve.mode": "pd", "serve.disagg_min_prompt_tokens": 8})
+    colo = build_app({**common, "serve.mode": "colocated", "serve.api_key": KEY})
+    serve.run_many([serve.RunTarget(pd, name="pd", route_prefix="/pd"),
+                    serve.RunTarget(colo, name="colo", route_prefix="/colo")])  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    yield {"pd": f"{base}/pd", "colo": f"{base}/colo"}
+    serve.shutdown()
+
+
+def _client(urls: dict, mode: str, **kw: Any) -> openai.OpenAI:
+    key = KEY if mode == "colo" else "unused"
+    return openai.OpenAI(base_url=f"{urls[mode]}/v1", api_key=key, timeout=TIMEOUT, max_retries=0, **kw)
+
+
+def _post(url: str, body: Any, key: str | None = None, raw: bytes | None = None) -> tuple[int, Any]:
+    data = raw if raw is not None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    if key:
+        req.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read().decode())
+
+
+def _hf_greedy(ckpt: Path, ids: list[int], n: int) -> list[int]:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(ckpt)).eval()
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n)
+    return out[0, len(ids) :].tolist()
+
+
+def test_models_health_and_greedy_parity_with_transformers(urls: dict, ckpt: Path) -> None:
+    tok = load_tokenizer(ckpt)
+    for mode in ("pd", "colo"):
+        assert [m.id for m in _client(urls, mode).models.list().data] == [MODEL]
+        with urllib.request.urlopen(f"{urls[mode]}/health", timeout=TIMEOUT) as r:
+            assert json.loads(r.read())["status"] == "ok"
+    for prompt in (SHORT, LONG):
+        ref = _hf_greedy(ckpt, tok.encode(prompt), 8)
+        for mode in ("pd", "colo"):
+            r = _client(urls, mode).completions.create(model=MODEL, prompt=prompt, **PARITY)
+            assert r.choices[0].token_ids == ref, (mode, prompt)
+            assert r.choices[0].text == tok.decode(ref, skip_special_tokens=True)
+            assert r.choices[0].finish_reason == ("stop" if ref[-1] == tok.eos_token_id else "length")
+            assert r.usage.prompt_tokens == len(tok.encode(prompt)) and r.usage.completion_tokens == len(ref)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": LONG}]
+    ids = encode_chat(tok, render_chat(tok, messages, enable_thinking=False))
+    assert ids == tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    ref = _hf_greedy(ckpt, ids, 8)
+    for mode in ("pd", "colo"):
+        r = _client(urls, mode).chat.completions.create(model=MODEL, messages=messages, **PARITY)
+        assert r.choices[0].token_ids == ref and r.choices[0].message.role == "assistant"
+        assert r.usage.prompt_tokens == len(ids)
+
+
+def _stream_text(stream: Any) -> tuple[str, list[Any]]:
+    chunks = list(stream)
+    text = ""
+    for c in chunks:
+        for ch in c.choices:
+            text += (ch.text if hasattr(ch, "text") else ch.delta.content) or ""
+    return text, chunks
+
+
+@pytest.mark.parametrize("mode", ["pd", "colo"])
+def test_streamed_equals_non_streamed(urls: dict, mode: str) -> None:
+    c = _client(urls, mode)
+    args = dict(model=MODEL, temperature=0, max_tokens=24, extra_body={"ignore_eos": True})
+    for prompt in (SHORT, LONG):
+        whole = c.completions.create(prompt=prompt, **args).choices[0].text
+        text, chunks = _stream_text(c.completions.create(prompt=prompt, stream=True,
+                                                         stream_options={"include_usage": True}, **args))  # fmt: skip
+        assert text == whole
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 24
+        assert [ch.finish_reason for ch in chunks[-2].choices] == ["length"]
+    msgs = [{"role": "user", "content": LONG}]
+    whole = c.chat.completions.create(messages=msgs, **args).choices[0].message.content
+    text, chunks = _stream_text(c.chat.completions.create(messages=msgs, stream=True, **args))
+    assert text == whole
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].usage is None
+
+
+def test_sse_framing_on_the_wire(urls: dict) -> None:
+    body = {"model": MODEL, "prompt": LONG, "max_tokens": 5, "temperature": 0, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    req = urllib.request.Request(f"{urls['pd']}/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    payloads = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    assert all(e.startswith("data: ") for e in events[:-1])
+    assert payloads[-1]["usage"]["completion_tokens"] == 5 and payloads[-1]["choices"] == []
+    assert all(p["usage"] is None for p in payloads[:-1])
+
+
+def test_sampling_options(urls: dict) -> None:
+    c = _client(urls, "pd")
+    seeded = dict(model=MODEL, prompt=LONG, max_tokens=12, temperature=1.0, top_p=0.9, seed=7, n=3,
+                  extra_body={"top_k": 20, "ignore_eos": True, "return_token_ids": True})  # fmt: skip
+    a, b = c.completions.create(**seeded), c.completions.create(**seeded)
+    assert [ch.index for ch in a.choices] == [0, 1, 2]
+    assert [ch.token_ids for ch in a.choices] == [ch.token_ids for ch in b.choices]  # seeded: reproducible
+    assert len({tuple(ch.token_ids) for ch in a.choices}) > 1  # choice i uses seed + i
+    assert a.usage.completion_tokens == 36
+    lp = c.completions.create(model=MODEL, prompt=SHORT, max_tokens=4, temperature=0, logprobs=2,
+                              extra_body={"ignore_eos": True}).choices[0].logprobs  # fmt: skip
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert all(len(t) == 2 and max(t.values()) >= v - 1e-6 for t, v in zip(lp.top_logprobs, lp.token_logprobs))
+    r = c.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": SHORT}],
+        max_completion_tokens=3,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+        extra_body={"ignore_eos": True},
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == 3 and all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content)
+    # stop: cut right before the first occurrence of a piece of the greedy text
+    full = c.completions.create(model=MODEL, prompt=LONG, max_tokens=40, temperature=0, extra_body={"ignore_eos": True})
+    text = full.choices[0].text
+    pieces = [text[i : i + 2] for i in range(1, len(text) - 2) if text[i : i + 2].isprintable()]
+    if pieces:
+        stop = pieces[0]
+        r = c.completions.create(model=MODEL, prompt=LONG, max_tokens=40, temperature=0, stop=[stop],
+                                 extra_body={"ignore_eos": True})  # fmt: skip
+        assert r.choices[0].text == text[: text.index(stop)] and r.choices[0].finish_reason == "stop"
+
+
+def test_thinking_mode_returns_reasoning_content(urls: dict, ckpt: Path) -> None:
+    tok = load_tokenizer(ckpt)
+    c = _client(urls, "colo")
+    msgs = [{"role": "user", "content": SHORT}]
+    args = dict(model=MODEL, messages=msgs, max_tokens=10, temperature=0, extra_body={"ignore_eos": True})
+    off = c.chat.completions.create(**args)
+    assert not getattr(off.choices[0].message, "reasoning_content", None)
+    on = c.chat.completions.create(
+        **{**args, "extra_body": {"ignore_eos": True, "chat_template_kwargs": {"enable_thinking": True}}}
+    )
+    assert on.usage.prompt_tokens == len(encode_chat(tok, render_chat(tok, msgs, enable_thinking=True)))
+    msg = on.choices[0].message.model_dump()
+    assert isinstance(msg["reasoning_content"], str) and isinstance(msg["content"], str)
+    meta = c.chat.completions.create(**{**args, "metadata": {"enable_thinking": "true"}})
+    assert meta.choices[0].message.model_dump() == msg  # the same request, switched on through metadata
+    chunks = list(c.chat.completions.create(stream=True, **{**args, "metadata": {"enable_thinking": "true"}}))
+    streamed = "".join((ch.choices[0].delta.model_dump().get("reasoning_content") or "") for ch in chunks)
+    assert streamed == msg["reasoning_content"]
+
+
+def test_32_concurrent_requests(urls: dict) -> None:
+    prompts = [SHORT, LONG, "Serving ERNIE", "0123456789 abcdefghij"]
+    c = _client(urls, "pd")
+    expect = {p: c.completions.create(model=MODEL, prompt=p, **GREEDY).choices[0].token_ids for p in prompts}
+
+    async def run() -> list[tuple[str, list[int]]]:
+        ac = openai.AsyncOpenAI(base_url=f"{urls['pd']}/v1", api_key="x", timeout=TIMEOUT, max_retries=0)
+
+        async def one(i: int) -> tuple[str, list[int]]:
+            p = prompts[i % len(prompts)]
+            if i % 2:
+                r = await ac.completions.create(model=MODEL, prompt=p, **GREEDY)
+                return p, r.choices[0].token_ids
+            ids: list[int] = []
+            async for ch in await ac.completions.create(model=MODEL, prompt=p, stream=True, **GREEDY):
+                for choice in ch.choices:
+                    ids += choice.token_ids
+            return p, ids
+
+        try:
+            return await asyncio.gather(*(one(i) for i in range(32)))
+        finally:
+            await ac.close()
+
+    results = asyncio.run(run())
+    assert len(results) == 32 and all(ids == expect[p] for p, ids in results)
+
+
+BAD = [  # (body or raw bytes, expected status, expected param or None)
+    (b"{not json", 400, None),
+    (b"[1, 2]", 400, None),
+    ({"prompt": "x"}, 400, "model"),
+    ({"model": MODEL}, 400, "prompt"),
+    ({"model": MODEL, "prompt": 5}, 400, "prompt"),
+    ({"model": MODEL, "prompt": "x", "n": "2"}, 400, "n"),
+    ({"model": MODEL, "prompt": "x", "temperature": "hot"}, 400, "temperature"),
+    ({"model": MODEL, "prompt": "x", "stream": "yes"}, 400, "stream"),
+    ({"model": "gpt-4", "prompt": "x"}, 404, "model"),
+    ({"model": MODEL, "prompt": "x" * 300}, 400, "prompt"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": 256}, 400, "prompt"),
+    ({"model": MODEL, "prompt": "x", "n": 0}, 400, "n"),
+    ({"model": MODEL, "prompt": "x", "n": 100}, 400, "n"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": "x", "temperature": 2.5}, 400, "temperature"),
+    ({"model": MODEL, "prompt": "x", "temperature": -1}, 400, "temperature"),
+    ({"model": MODEL, "prompt": "x", "top_p": 0}, 400, "top_p"),
+    ({"model": MODEL, "prompt": "x", "top_p": 1.5}, 400, "top_p"),
+    ({"model": MODEL, "prompt": "x", "logprobs": 50}, 400, "logprobs"),
+    ({"model": MODEL, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"model": MODEL, "prompt": [[1, 2], [999999]]}, 400, "prompt"),
+    ({"model": MODEL, "prompt": ""}, 400, "prompt"),
+]
+BAD_CHAT = [
+    ({"model": MODEL, "messages": []}, 400, "messages"),
+    ({"model": MODEL, "messages": "hi"}, 400, "messages"),
+    ({"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role"),
+    ({"model": MODEL, "messages": [{"role": "user"}]}, 400, "messages[0].content"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]},
+     400, "messages[0].content[1]"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "top_logprobs"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, 400,
+     "max_completion_tokens"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x" * 300}]}, 400, "messages"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "presence_penalty": 1}, 400, "presence_penalty"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+      "chat_template_kwargs": {"enable_thinking": "maybe"}}, 400, "chat_template_kwargs.enable_thinking"),
+]  # fmt: skip
+
+
+def _assert_error(status: int, body: Any, want_status: int, param: str | None) -> None:
+    assert status == want_status, body
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"] and err["type"], body
+    if param is not None:
+        assert err["param"] == param, body
+
+
+def test_bad_input_matrix_then_a_good_request(urls: dict) -> None:
+    url = urls["pd"]
+    for body, status, param in BAD:
+        raw = body if isinstance(body, bytes) else None
+        _assert_error(*_post(f"{url}/v1/completions", body, raw=raw), status, param)
+    for body, status, param in BAD_CHAT:
+        _assert_error(*_post(f"{url}/v1/chat/completions", body), status, param)
+    st, body = _post(f"{url}/v1/nope", {})
+    _assert_error(st, body, 404, None)
+    msg = _post(f"{url}/v1/chat/completions", BAD_CHAT[4][0])[1]["error"]["message"]
+    assert "VL" in msg and "text-only" in msg
+    r = _client(urls, "pd").completions.create(model=MODEL, prompt=LONG, **GREEDY)  # still serving
+    assert len(r.choices[0].token_ids) == 8
+
+
+def test_api_key(urls: dict) -> None:
+    url = f"{urls['colo']}/v1/completions"
+    body = {"model": MODEL, "prompt": SHORT, "max_tokens": 2}
+    for key in (None, "wrong"):
+        st, err = _post(url, body, key=key)
+        _assert_error(st, err, 401, None)
+        assert err["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{urls['colo']}/v1", api_key="wrong", max_retries=0).models.list()
+    assert _post(url, body, key=KEY)[0] == 200
+
+
+def test_metrics_text(urls: dict) -> None:
+    with urllib.request.urlopen(f"{urls['pd']}/metrics", timeout=TIMEOUT) as r:
+        text = r.read().decode()
+    for name in ("ernie_time_to_first_token_seconds_bucket", "ernie_inter_token_latency_seconds_bucket",
+                 "ernie_e2e_request_latency_seconds_count", "ernie_requests_in_flight", 'ernie_engine_waiting{',
+                 'ernie_engine_running_seqs{', 'ernie_engine_kv_usage{deployment="Decode"',
+                 'ernie_engine_prefills_imported{deployment="Decode"'):  # fmt: skip
+        assert name in text, name
+
+    def value(prefix: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
+
+    assert value('ernie_prefill_route_total{route="disaggregated"}') > 0
+    assert value('ernie_prefill_route_total{route="local"}') > 0
+    assert value('ernie_requests_total{endpoint="completions",status="400"}') > 0
+    assert value("ernie_time_to_first_token_seconds_count") > 0
+
+
+def _engine_stat(url: str, key: str, deployment: str) -> float:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=TIMEOUT) as r:
+        text = r.read().decode()
+    prefix = f'ernie_engine_{key}{{deployment="{deployment}"'
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith(prefix))
+
+
+@pytest.mark.parametrize(("mode", "deployment"), [("pd", "Decode"), ("colo", "Engine")])
+def test_client_disconnect_aborts_the_request(urls: dict, mode: str, deployment: str) -> None:
+    import http.client
+
+    before = _engine_stat(urls[mode], "tokens_generated", deployment)
+    host, port = urls[mode].split("//")[1].split("/")[0].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=TIMEOUT)
+    body = {"model": MODEL, "prompt": LONG, "max_tokens": 200, "stream": True, "ignore_eos": True}
+    conn.request("POST", f"/{mode}/v1/completions", json.dumps(body),
+                 {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})  # fmt: skip
+    resp = conn.getresponse()
+    assert resp.status == 200
+    for _ in range(4):  # role-less completion chunks: a couple of tokens are out
+        resp.fp.readline()
+    conn.sock.close()
+    conn.close()
+    deadline = time.time() + 30
+    while _engine_stat(urls[mode], "running_seqs", deployment) > 0:
+        assert time.time() < deadline, "the request kept running after the client left"
+        time.sleep(0.1)
+    assert _engine_stat(urls[mode], "tokens_generated", deployment) - before < 200  # stopped early, not finished
+
+
+def test_decode_replica_killed_under_load(urls: dict) -> None:
+    """Kill the Decode replica while streams run: each request completes or fails cleanly (an HTTP error or an SSE
+    error event), none hangs, and Serve's replacement replica serves again."""
+    from ray import serve
+
+    decode = serve.get_deployment_handle("Decode", app_name="pd")
+    victim = decode.actor_name.remote().result(timeout_s=TIMEOUT)
+    outcomes: list[str] = []
+    args = dict(model=MODEL, prompt=LONG, temperature=0, max_tokens=200, extra_body={"ignore_eos": True})
+
+    async def run() -> None:
+        ac = openai.AsyncOpenAI(base_url=f"{urls['pd']}/v1", api_key="x", timeout=TIMEOUT, max_retries=0)
+
+        async def one(i: int) -> str:
+            try:
+                if i % 4 == 0:
+                    r = await ac.completions.create(**args)
+                    return "ok" if r.usage.completion_tokens == 200 else "short"
+                n = 0
+                async for ch in await ac.completions.create(stream=True, **args):
+                    n += sum(1 for _ in ch.choices)
+                return "ok"
+            except openai.APITimeoutError:
+                return "hung"
+            except (openai.APIStatusError, openai.APIError) as e:
+                return f"error:{type(e).__name__}"
+
+        async def killer() -> None:
+            await asyncio.sleep(1.0)  # the streams are running
+            ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+
+        try:
+            outcomes.extend(await asyncio.gather(*(one(i) for i in range(12)), killer()))
+        finally:
+            await ac.close()
+
+    t0 = time.time()
+    asyncio.run(run())
+    outcomes = [o for o in outcomes if o is not None]
+    assert len(outcomes) == 12 and "hung" not in outcomes and "short" not in outcomes, outcomes
+    assert time.time() - t0 < TIMEOUT
+    c = _client(urls, "pd")
+    deadline = time.time() + TIMEOUT
+    while True:  # Serve replaces the replica; the first requests may still land on the dead one
+        try:
+            r = c.completions.create(model=MODEL, prompt=LONG, **GREEDY)
+            break
+        except openai.APIStatusError:
+            assert time.time() < deadline, "the app did not recover"
+            time.sleep(1.0)
+    assert len(r.choices[0].token_ids) == 8
+    assert decode.actor_name.remote().result(timeout_s=TIMEOUT) != victim
