@@ -1,0 +1,316 @@
+"""infra/k8s: every manifest parses; ray.io objects validate strictly against the KubeRay v1 CRDs; core objects have
+their required fields; entrypoints, Hydra overrides and the RayService's import path and deployments are real.
+
+Offline only: nothing is applied to a cluster and Ray is not started.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import importlib.util
+import shlex
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from ernie_platform.configs import register_configs, validate_config
+
+REPO = Path(__file__).resolve().parents[1]
+K8S = REPO / "infra" / "k8s"
+CONF_DIR = REPO / "conf"
+CRD_DIR = REPO.parent / "shared" / "kuberay-crds"
+CRD_FILES = {"RayCluster": "rayclusters.yaml", "RayJob": "rayjobs.yaml", "RayService": "rayservices.yaml"}
+VARIANTS = ("cpu-demo", "gpu")
+
+MANIFEST_FILES = sorted(K8S.rglob("*.yaml")) + sorted(K8S.rglob("*.yml"))
+
+
+def _load_all() -> list[tuple[str, dict[str, Any]]]:
+    docs = []
+    for f in MANIFEST_FILES:
+        for doc in yaml.safe_load_all(f.read_text()):
+            if doc is not None:
+                docs.append((str(f.relative_to(K8S)), doc))
+    return docs
+
+
+DOCS = _load_all()
+
+
+def _id(item: tuple[str, dict[str, Any]]) -> str:
+    f, d = item
+    return f"{f}:{d.get('kind')}/{d.get('metadata', {}).get('name')}"
+
+
+def _of_kind(*kinds: str) -> list[tuple[str, dict[str, Any]]]:
+    return [x for x in DOCS if x[1].get("kind") in kinds]
+
+
+# --- strict CRD schemas ---------------------------------------------------------------------------------------------
+
+
+def _strict(schema: Any) -> Any:
+    """Copy of an openAPIV3Schema that rejects unknown fields (kubeconform -strict) and knows int-or-string."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _strict(v) for k, v in schema.items()}
+    if out.pop("x-kubernetes-int-or-string", False):
+        out.pop("type", None)
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if (
+        "properties" in out
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        out["additionalProperties"] = False
+    return out
+
+
+@cache
+def crd_schema(kind: str) -> dict[str, Any]:
+    path = CRD_DIR / CRD_FILES[kind]
+    crd = yaml.safe_load(path.read_text())
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return _strict(version["schema"]["openAPIV3Schema"])
+
+
+def validate_ray_object(doc: dict[str, Any]) -> None:
+    schema = crd_schema(doc["kind"])
+    jsonschema.Draft7Validator.check_schema(schema)
+    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(doc), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message[:300]}" for e in errors[:10]]
+        raise AssertionError(f"{doc['kind']}/{doc['metadata']['name']} violates the CRD:\n" + "\n".join(lines))
+
+
+needs_crds = pytest.mark.skipif(
+    not all((CRD_DIR / f).is_file() for f in CRD_FILES.values()),
+    reason=f"KubeRay CRDs not found at {CRD_DIR} (rayclusters/rayjobs/rayservices.yaml): strict validation skipped",
+)
+
+
+# --- Hydra ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hydra_conf() -> Iterator[None]:
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        yield
+
+
+def compose_validated(overrides: list[str]) -> Any:
+    cfg = compose(config_name="config", overrides=overrides)
+    validate_config(cfg)
+    return cfg
+
+
+def args_given(app: dict[str, Any]) -> bool:
+    return bool(app.get("args"))
+
+
+def serve_config(doc: dict[str, Any]) -> dict[str, Any]:
+    return yaml.safe_load(doc["spec"]["serveConfigV2"])
+
+
+# --- tests ----------------------------------------------------------------------------------------------------------
+
+
+def test_manifests_present_and_parse() -> None:
+    assert MANIFEST_FILES, f"no manifests under {K8S}"
+    kinds = {d["kind"] for _, d in DOCS}
+    assert {"RayCluster", "RayJob", "RayService", "Deployment", "Service", "PersistentVolumeClaim"} <= kinds
+    for f, d in DOCS:
+        assert d.get("apiVersion") and d.get("kind"), f
+        assert d.get("metadata", {}).get("name"), f"{f}: {d.get('kind')} without metadata.name"
+    for variant in VARIANTS:
+        files = {f for f, _ in DOCS if f.startswith(f"{variant}/")}
+        for name in ("raycluster.yaml", "rayjob-pretrain.yaml", "rayservice.yaml", "storage.yaml"):
+            assert f"{variant}/{name}" in files
+
+
+@needs_crds
+@pytest.mark.parametrize("item", _of_kind("RayCluster", "RayJob", "RayService"), ids=_id)
+def test_ray_objects_valid_against_crd(item: tuple[str, dict[str, Any]]) -> None:
+    f, doc = item
+    assert doc["apiVersion"] == "ray.io/v1", f
+    validate_ray_object(doc)
+
+
+@needs_crds
+@pytest.mark.parametrize(
+    ("kind", "mutate"),
+    [
+        ("RayCluster", lambda d: d["spec"].__setitem__("enableInTreeAutoScaling", True)),  # misspelt key
+        ("RayCluster", lambda d: d["spec"]["workerGroupSpecs"][0].__setitem__("maxReplica", 3)),
+        ("RayJob", lambda d: d["spec"].__setitem__("entryPoint", "python -m x")),
+        ("RayService", lambda d: d["spec"]["rayClusterConfig"]["headGroupSpec"].__setitem__("bogus", 1)),
+    ],
+)
+def test_unknown_field_rejected(kind: str, mutate: Any) -> None:
+    doc = copy.deepcopy(_of_kind(kind)[0][1])
+    validate_ray_object(doc)
+    mutate(doc)
+    with pytest.raises(AssertionError, match="Additional properties are not allowed"):
+        validate_ray_object(doc)
+
+
+@needs_crds
+def test_int_or_string_accepted_and_type_checked() -> None:
+    doc = copy.deepcopy(_of_kind("RayCluster")[0][1])
+    res = doc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]
+    res["limits"]["cpu"] = 2
+    validate_ray_object(doc)
+    res["limits"]["cpu"] = [2]
+    with pytest.raises(AssertionError):
+        validate_ray_object(doc)
+
+
+def test_ray_clusters_autoscale_and_mount_shared_storage() -> None:
+    clusters = [(f, d["spec"]) for f, d in _of_kind("RayCluster")]
+    clusters += [(f, d["spec"]["rayClusterConfig"]) for f, d in _of_kind("RayService")]
+    for f, spec in clusters:
+        assert spec["enableInTreeAutoscaling"] is True and "autoscalerOptions" in spec, f
+        groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+        for g in groups:
+            pod = g["template"]["spec"]
+            claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]
+                      if "persistentVolumeClaim" in v}  # fmt: skip
+            mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+            assert claims.get(mounts.get("/mnt/runs")) == "ernie-runs", f"{f}: /mnt/runs not on the ernie-runs PVC"
+        for w in spec["workerGroupSpecs"]:
+            assert w["minReplicas"] <= w["replicas"] <= w["maxReplicas"], f
+    gpu = [spec for f, spec in clusters if f.startswith("gpu/")]
+    assert gpu and all({"cpu", "gpu"} <= {w["groupName"] for w in s["workerGroupSpecs"]} for s in gpu)
+    for s in gpu:
+        (g,) = [w for w in s["workerGroupSpecs"] if w["groupName"] == "gpu"]
+        assert g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] >= 1
+
+
+def test_core_objects_required_fields() -> None:
+    for f, d in _of_kind("Deployment"):
+        spec = d["spec"]
+        match = spec["selector"]["matchLabels"]
+        labels = spec["template"]["metadata"]["labels"]
+        assert match and all(labels.get(k) == v for k, v in match.items()), f"{f}: selector does not match template"
+        containers = spec["template"]["spec"]["containers"]
+        assert containers and all(c.get("name") and c.get("image") for c in containers), f
+        claims = {v["persistentVolumeClaim"]["claimName"] for v in spec["template"]["spec"].get("volumes", [])
+                  if "persistentVolumeClaim" in v}  # fmt: skip
+        pvcs = {d2["metadata"]["name"] for _, d2 in _of_kind("PersistentVolumeClaim")}
+        assert claims <= pvcs, f"{f}: claims {claims - pvcs} have no PersistentVolumeClaim manifest"
+    deployments = {d["metadata"]["name"]: d for _, d in _of_kind("Deployment")}
+    for f, d in _of_kind("Service"):
+        spec = d["spec"]
+        assert spec["selector"] and spec["ports"], f
+        assert all("port" in p for p in spec["ports"]), f
+        targets = [dep for dep in deployments.values()
+                   if all(dep["spec"]["template"]["metadata"]["labels"].get(k) == v
+                          for k, v in spec["selector"].items())]  # fmt: skip
+        assert targets, f"{f}: Service {d['metadata']['name']} selects no Deployment"
+    for f, d in _of_kind("PersistentVolumeClaim"):
+        spec = d["spec"]
+        assert spec["accessModes"] and set(spec["accessModes"]) <= {
+            "ReadWriteOnce", "ReadWriteMany", "ReadOnlyMany", "ReadWriteOncePod"}, f  # fmt: skip
+        assert spec["resources"]["requests"]["storage"], f
+    (gpu_runs,) = [d for f, d in _of_kind("PersistentVolumeClaim") if f == "gpu/storage.yaml"]
+    assert gpu_runs["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_mlflow_server_and_tracking_uri() -> None:
+    (mlflow,) = [d for _, d in _of_kind("Deployment") if d["metadata"]["name"] == "ernie-mlflow"]
+    c = mlflow["spec"]["template"]["spec"]["containers"][0]
+    cmd = " ".join(c.get("command", []) + c.get("args", []))
+    for part in ("mlflow server", "--backend-store-uri=sqlite:////mlflow/mlflow.db",
+                 "--artifacts-destination=/mlflow/artifacts", "--host=0.0.0.0"):  # fmt: skip
+        assert part in cmd
+    (svc,) = [d for _, d in _of_kind("Service") if d["metadata"]["name"] == "ernie-mlflow"]
+    uri = f"http://ernie-mlflow:{svc['spec']['ports'][0]['port']}"
+    for f, d in _of_kind("RayCluster"):
+        for g in [d["spec"]["headGroupSpec"], *d["spec"]["workerGroupSpecs"]]:
+            env = {e["name"]: e.get("value") for e in g["template"]["spec"]["containers"][0].get("env", [])}
+            assert env.get("MLFLOW_TRACKING_URI") == uri, f"{f}: {g.get('groupName', 'head')}"
+
+
+def _entrypoint(doc: dict[str, Any]) -> tuple[str, list[str]]:
+    argv = shlex.split(doc["spec"]["entrypoint"])
+    assert argv[:2] == ["python", "-m"], argv
+    return argv[2], argv[3:]
+
+
+@pytest.mark.parametrize("item", _of_kind("RayJob"), ids=_id)
+def test_rayjob_entrypoint_module_and_overrides(item: tuple[str, dict[str, Any]], hydra_conf: None) -> None:
+    f, doc = item
+    module, overrides = _entrypoint(doc)
+    assert importlib.util.find_spec(module) is not None, f"{f}: no module {module}"
+    assert importlib.util.find_spec(f"{module}.__main__") is not None, f"{f}: {module} is not runnable with -m"
+    assert "+stage=mm" in overrides and "run.storage_path=/mnt/runs" in overrides
+    cfg = compose_validated(overrides)
+    assert cfg.run.storage_path == "/mnt/runs"
+    selector = doc["spec"]["clusterSelector"]["ray.io/cluster"]
+    variant_clusters = {d["metadata"]["name"] for g, d in _of_kind("RayCluster") if g.split("/")[0] == f.split("/")[0]}
+    assert selector in variant_clusters, f"{f}: clusterSelector names no RayCluster of its variant"
+
+
+def test_bad_override_is_caught(hydra_conf: None) -> None:
+    with pytest.raises(Exception):  # noqa: B017 - Hydra's composition error or validate_config's ValueError
+        compose_validated(["+stage=mm", "trainer.num_wrokers=2"])
+
+
+@pytest.mark.parametrize("item", _of_kind("RayService"), ids=_id)
+def test_rayservice_import_path_args_and_deployments(
+    item: tuple[str, dict[str, Any]], hydra_conf: None, tmp_path: Path
+) -> None:
+    f, doc = item
+    sc = serve_config(doc)
+    (app,) = sc["applications"]
+    module_name, attr = app["import_path"].split(":")
+    module = importlib.import_module(module_name)
+    if attr == "app":  # built on first access (PEP 562); its builder is what takes `args`
+        assert not args_given(app) and callable(module.__getattr__)
+        target = module.build_app
+    else:
+        target = getattr(module, attr)
+    assert callable(target), f"{f}: {app['import_path']} is not a callable builder"
+
+    from workloads.serve.app import _overrides
+
+    args = app.get("args", {})
+    cfg = compose_validated(_overrides(args))
+    assert cfg.run.storage_path == "/mnt/runs"
+
+    # Build the Serve application graph (no Ray started): the model path is only read at build time, so point it at
+    # the built-in demo model, with an empty storage directory.
+    local = {**args, "model.path": None, "run.storage_path": str(tmp_path)}
+    application = target(local)
+    built: dict[str, Any] = {}
+    stack = [application]
+    while stack:
+        bound = stack.pop()._bound_deployment
+        built[bound.name] = bound
+        stack += [a for a in (*bound.init_args, *bound.init_kwargs.values()) if hasattr(a, "_bound_deployment")]
+    assert {"Ingress", "Prefill", "Decode"} <= set(built), sorted(built)
+
+    for dep in app["deployments"]:
+        assert dep["name"] in built, f"{f}: deployment {dep['name']} is not in the app ({sorted(built)})"
+        node = {"Ingress": "ingress", "Prefill": "prefill", "Decode": "decode", "Engine": "colocated"}[dep["name"]]
+        s = cfg.serve[node]
+        if "autoscaling_config" in dep:
+            assert s.autoscaling_config.enabled, f"{f}: {node} autoscales in deployments: but not in args"
+            for k, v in dep["autoscaling_config"].items():
+                assert s.autoscaling_config[k] == v, f"{f}: {dep['name']}.autoscaling_config.{k} != args"
+        for k, v in dep.get("ray_actor_options", {}).items():
+            assert s.ray_actor_options[k] == v, f"{f}: {dep['name']}.ray_actor_options.{k} != args"
+    autoscaled = {d["name"] for d in app["deployments"] if "autoscaling_config" in d}
+    assert {"Prefill", "Decode"} <= autoscaled
