@@ -1,5 +1,14 @@
+from pathlib import Path
+
 import pytest
 import torch
+
+# conf/model/ernie45_tiny_moe.yaml with a larger init, so greedy argmax margins are far above float noise
+TINY_MOE_ARGS = dict(
+    vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, rope_theta=10000.0, tie_word_embeddings=True,
+    moe_num_experts=8, moe_k=2, moe_intermediate_size=32, moe_num_shared_experts=1, initializer_range=0.3,
+)  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -20,3 +29,14 @@ def ray_local():
     yield
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny MoE saved with the built-in tokenizer (directory name `ckpt`); read-only for the tests."""
+    from ernie_platform.models import ErnieForCausalLM, ErnieModelArgs, load_tokenizer, save_pretrained
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = ErnieForCausalLM(ErnieModelArgs(**TINY_MOE_ARGS)).eval()
+    return save_pretrained(model, tmp_path_factory.mktemp("tiny_moe") / "ckpt", tokenizer=load_tokenizer(None))

@@ -12,14 +12,8 @@ import torch
 
 from ernie_platform.inference import AsyncEngine, Engine, PrefillResult, SamplingParams
 from ernie_platform.inference.detokenize import IncrementalDetokenizer
-from ernie_platform.models import ErnieForCausalLM, ErnieModelArgs, load_pretrained, load_tokenizer, save_pretrained
+from ernie_platform.models import ErnieForCausalLM, load_pretrained, load_tokenizer
 
-# conf/model/ernie45_tiny_moe.yaml, with larger init so greedy argmax margins are far above float noise
-TINY = dict(
-    vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, rope_theta=10000.0, tie_word_embeddings=True,
-    moe_num_experts=8, moe_k=2, moe_intermediate_size=32, moe_num_shared_experts=1, initializer_range=0.3,
-)  # fmt: skip
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
 
@@ -33,10 +27,8 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    model = ErnieForCausalLM(ErnieModelArgs(**TINY)).eval()
-    return save_pretrained(model, tmp_path_factory.mktemp("tiny") / "ckpt", tokenizer=load_tokenizer(None))
+def ckpt(tiny_moe_ckpt: Path) -> Path:
+    return tiny_moe_ckpt
 
 
 @pytest.fixture(scope="module")

@@ -18,17 +18,11 @@ import pytest
 import ray
 import torch
 
-from ernie_platform.models import ErnieForCausalLM, ErnieModelArgs, load_tokenizer, save_pretrained
+from ernie_platform.models import load_tokenizer
 from ernie_platform.serving.chat import encode_chat, render_chat
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-# conf/model/ernie45_tiny_moe.yaml with a larger init (clear greedy margins), as tests/test_inference_engine.py
-TINY = dict(
-    vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, rope_theta=10000.0, tie_word_embeddings=True,
-    moe_num_experts=8, moe_k=2, moe_intermediate_size=32, moe_num_shared_experts=1, initializer_range=0.3,
-)  # fmt: skip
 KEY = "sk-test-key"
 MODEL = "ckpt"  # derived from the checkpoint directory's name
 SHORT, LONG = "Hi", "The quick brown fox jumps over the lazy dog."  # 2 and 44 tokens: local vs disaggregated prefill
@@ -44,10 +38,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    model = ErnieForCausalLM(ErnieModelArgs(**TINY)).eval()
-    return save_pretrained(model, tmp_path_factory.mktemp("serve") / "ckpt", tokenizer=load_tokenizer(None))
+def ckpt(tiny_moe_ckpt: Path) -> Path:
+    return tiny_moe_ckpt
 
 
 @pytest.fixture(scope="module")
