@@ -129,33 +129,42 @@ def _for_each_segment(
         torch.set_num_threads(n_threads)
 
 
-def gmm_nt(x_NI: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tensor, counts: list[int]) -> torch.Tensor:
+def _host_counts(counts_E: torch.Tensor, counts: Optional[list[int]]) -> list[int]:
+    return counts if counts is not None else counts_E.tolist()
+
+
+def gmm_nt(
+    x_NI: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tensor, counts: Optional[list[int]]
+) -> torch.Tensor:
     """out[seg e] = x[seg e] @ w[e]ᵀ: [N, I] × [E, O, I] → [N, O]."""
     if _use_grouped_mm(x_NI, w_EOI):
         offs = torch.cumsum(counts_E, 0).to(torch.int32)
         return F.grouped_mm(x_NI, w_EOI.transpose(-2, -1), offs=offs)
     out = x_NI.new_empty(x_NI.shape[0], w_EOI.shape[1])
-    _for_each_segment(
-        _segments(counts), lambda e, a, b: torch.mm(x_NI[a:b], w_EOI[e].T, out=out[a:b]), x_NI.device
-    )
+    counts = _host_counts(counts_E, counts)
+    _for_each_segment(_segments(counts), lambda e, a, b: torch.mm(x_NI[a:b], w_EOI[e].T, out=out[a:b]), x_NI.device)
     return out
 
 
-def gmm_nn(x_NO: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tensor, counts: list[int]) -> torch.Tensor:
+def gmm_nn(
+    x_NO: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tensor, counts: Optional[list[int]]
+) -> torch.Tensor:
     """out[seg e] = x[seg e] @ w[e]: [N, O] × [E, O, I] → [N, I] (the input-gradient of `gmm_nt`)."""
     if _use_grouped_mm(x_NO, w_EOI):
         offs = torch.cumsum(counts_E, 0).to(torch.int32)
         return F.grouped_mm(x_NO, w_EOI, offs=offs)
     out = x_NO.new_empty(x_NO.shape[0], w_EOI.shape[2])
+    counts = _host_counts(counts_E, counts)
     _for_each_segment(_segments(counts), lambda e, a, b: torch.mm(x_NO[a:b], w_EOI[e], out=out[a:b]), x_NO.device)
     return out
 
 
-def gmm_tn(g_NO: torch.Tensor, x_NI: torch.Tensor, counts_E: torch.Tensor, counts: list[int]) -> torch.Tensor:
+def gmm_tn(g_NO: torch.Tensor, x_NI: torch.Tensor, counts_E: torch.Tensor, counts: Optional[list[int]]) -> torch.Tensor:
     """out[e] = g[seg e]ᵀ @ x[seg e]: [N, O] × [N, I] → [E, O, I] (the weight-gradient of `gmm_nt`)."""
     if _use_grouped_mm(g_NO, x_NI):
         offs = torch.cumsum(counts_E, 0).to(torch.int32)
         return F.grouped_mm(g_NO.T, x_NI, offs=offs)
+    counts = _host_counts(counts_E, counts)
     out = g_NO.new_empty(len(counts), g_NO.shape[1], x_NI.shape[1])
     for e in (e for e, n in enumerate(counts) if n == 0):
         out[e].zero_()  # only experts without tokens: zeroing all of [E, O, I] costs as much as a GEMM
@@ -171,7 +180,9 @@ class _GroupedSwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_TD, weight_N, w13_E2FD, w2_EDF, token_N, counts_E):  # type: ignore[override]
-        counts = counts_E.tolist()
+        # The per-expert loops need the counts on the host. On CUDA that is a sync, so it is left to the loops
+        # (`_host_counts`); grouped_mm takes them as a device tensor.
+        counts = counts_E.tolist() if counts_E.device.type == "cpu" else None
         f = w2_EDF.shape[-1]
         x_ND = x_TD.index_select(0, token_N)
         h_N2F = gmm_nt(x_ND, w13_E2FD, counts_E, counts)
@@ -197,11 +208,14 @@ class _GroupedSwiGLU(torch.autograd.Function):
         grad_weight_N = (ga_NF * a_NF).sum(-1).to(weight_N.dtype)
         w_N1 = weight_N.unsqueeze(-1).to(ga_NF.dtype)
         ga_NF.mul_(w_N1)
-        grad_w2 = gmm_tn(g_ND * w_N1, a_NF, counts_E, counts)
+        grad_w2 = gmm_tn(g_ND.mul_(w_N1), a_NF, counts_E, counts)
+        del g_ND, a_NF  # the [N, D] and [N, F] temporaries go before the [N, 2F] ones come (peak memory)
         # Few full passes over the [N, 2F] buffers: they dominate the non-GEMM time.
         dh_N2F = torch.empty_like(h_N2F)
         torch.mul(ga_NF, silu_NF, out=dh_N2F[:, f:])
+        del silu_NF
         dh_N2F[:, :f] = torch.ops.aten.silu_backward(ga_NF.mul_(up_NF), gate_NF)
+        del ga_NF
         x_ND = x_TD.index_select(0, token_N)
         grad_w13 = gmm_tn(dh_N2F, x_ND, counts_E, counts)
         grad_x_TD = torch.zeros_like(x_TD).index_add_(0, token_N, gmm_nn(dh_N2F, w13_E2FD, counts_E, counts))
@@ -238,7 +252,8 @@ def _experts_eager(x_TD, topk_idx_TK, topk_w_TK, w13_E2FD, w2_EDF) -> torch.Tens
 # ---- megablocks (optional, CUDA) -----------------------------------------------------------------------------------
 
 MEGABLOCKS_INSTALL = (
-    "pip install --no-deps megablocks grouped_gemm stanford-stk (next to the installed torch; see docs/kernels.md)"
+    "pip install --no-build-isolation --no-deps grouped_gemm (MegaBlocks' grouped GEMM kernels, built against the "
+    "installed torch; needs nvcc; see docs/kernels.md)"
 )
 
 
@@ -272,6 +287,18 @@ def _experts_megablocks(x_TD, topk_idx_TK, topk_w_TK, w13_E2FD, w2_EDF) -> torch
 # ---- entry point ---------------------------------------------------------------------------------------------------
 
 
+def _check_expert_ids(topk_idx_TK: torch.Tensor, e: int) -> None:
+    if topk_idx_TK.device.type == "cuda":
+        # A host-side check would stall the CPU on every MoE layer until the GPU catches up (two syncs per layer);
+        # the asynchronous assert fails the next synchronizing CUDA call instead.
+        in_range = ((topk_idx_TK >= 0) & (topk_idx_TK < e)).all()
+        torch._assert_async(in_range, f"moe_experts: expert ids must be in [0, {e})")
+        return
+    lo, hi = int(topk_idx_TK.min()), int(topk_idx_TK.max())
+    if lo < 0 or hi >= e:
+        raise ValueError(f"moe_experts: expert ids must be in [0, {e}), got min {lo} max {hi}")
+
+
 def moe_experts(
     x_TD: torch.Tensor,
     topk_idx_TK: torch.Tensor,
@@ -302,11 +329,8 @@ def moe_experts(
             f"topk_w_TK {tuple(topk_w_TK.shape)}, "
             f"w13_E2FD {tuple(w13_E2FD.shape)}, w2_EDF {tuple(w2_EDF.shape)}"
         )
-    if topk_idx_TK.numel() and (int(topk_idx_TK.min()) < 0 or int(topk_idx_TK.max()) >= e):
-        raise ValueError(
-            f"moe_experts: expert ids must be in [0, {e}), "
-            f"got min {int(topk_idx_TK.min())} max {int(topk_idx_TK.max())}"
-        )
+    if topk_idx_TK.numel():
+        _check_expert_ids(topk_idx_TK, e)
     if backend == "torch":
         return _experts_torch(x_TD, topk_idx_TK, topk_w_TK, w13_E2FD, w2_EDF)
     if backend == "eager":

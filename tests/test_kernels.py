@@ -94,7 +94,7 @@ def _run(backend: str, x, idx, w, w13, w2, seed: int = 1):
     """Output and gradients of a non-trivial loss (random cotangent) w.r.t. x, the routing weights, w13 and w2."""
     lx, lw, l13, l2 = leaves = _leaves(x, w, w13, w2)
     y = moe_experts(lx, idx, lw, l13, l2, backend=backend)
-    cot = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y.dtype)
+    cot = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y)  # y's device and dtype
     (y * cot).sum().backward()
     return y.detach(), [t.grad for t in leaves]
 
@@ -444,8 +444,9 @@ def test_megablocks_on_cpu_raises_runtime_error_naming_cuda() -> None:
 
 
 def test_megablocks_install_command_is_documented() -> None:
-    assert "megablocks" in kmoe.MEGABLOCKS_INSTALL and "grouped_gemm" in kmoe.MEGABLOCKS_INSTALL
+    assert "MegaBlocks" in kmoe.MEGABLOCKS_INSTALL and "grouped_gemm" in kmoe.MEGABLOCKS_INSTALL
     assert "--no-deps" in kmoe.MEGABLOCKS_INSTALL  # its PyPI pins would otherwise replace the installed torch
+    assert "--no-build-isolation" in kmoe.MEGABLOCKS_INSTALL  # build against the installed torch, not a fresh one
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA)
