@@ -117,9 +117,7 @@ def base_overrides(args: argparse.Namespace, storage: str, name: str) -> list[st
 
 
 # ---- baseline: bare PyTorch loop -------------------------------------------------------------------------------------
-def baseline_worker(
-    plain: dict, rank: int, world: int, steps: int, barrier: Any, queue: Any, threads: int = 1
-) -> None:
+def baseline_worker(plain: dict, rank: int, world: int, steps: int, barrier: Any, queue: Any, threads: int = 1) -> None:
     """One bare training process (`threads` torch threads): build, wait on the barrier, train `steps` steps; puts
     its step times."""
     import torch

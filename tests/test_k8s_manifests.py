@@ -136,7 +136,8 @@ def test_manifests_present_and_parse() -> None:
         assert d.get("metadata", {}).get("name"), f"{f}: {d.get('kind')} without metadata.name"
     for variant in VARIANTS:
         files = {f for f, _ in DOCS if f.startswith(f"{variant}/")}
-        for name in ("raycluster.yaml", "rayjob-pretrain.yaml", "rayservice.yaml", "storage.yaml"):
+        for name in ("raycluster.yaml", "rayjob-pretrain.yaml", "rayjob-posttrain.yaml", "rayservice.yaml",
+                     "storage.yaml"):  # fmt: skip
             assert f"{variant}/{name}" in files
 
 
@@ -243,24 +244,133 @@ def test_mlflow_server_and_tracking_uri() -> None:
             assert env.get("MLFLOW_TRACKING_URI") == uri, f"{f}: {g.get('groupName', 'head')}"
 
 
-def _entrypoint(doc: dict[str, Any]) -> tuple[str, list[str]]:
-    argv = shlex.split(doc["spec"]["entrypoint"])
-    assert argv[:2] == ["python", "-m"], argv
-    return argv[2], argv[3:]
+RUNS = "/mnt/runs"
+WORKLOADS = {"workloads.pretrain": "+stage=", "workloads.posttrain": "+algo="}  # module -> override it must have
+
+
+def _commands(doc: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """(module, overrides) of every `python -m X ...` in the entrypoint; commands may be chained with `&&` only."""
+    lexer = shlex.shlex(doc["spec"]["entrypoint"], posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    tokens = list(lexer)
+    commands: list[list[str]] = [[]]
+    for tok in tokens:
+        if tok == "&&":
+            commands.append([])
+        else:
+            assert not set(tok) <= set("();<>|&"), f"shell operator {tok!r} in the entrypoint: chain with && only"
+            commands[-1].append(tok)
+    out = []
+    for argv in commands:
+        assert argv[:2] == ["python", "-m"] and len(argv) > 2, argv
+        out.append((argv[2], argv[3:]))
+    return out
+
+
+def _pretrain_text_runs() -> set[str]:
+    """run.name of the pretraining stages whose export is a text model (post-training cannot start from `mm`)."""
+    return {compose_validated([f"+stage={stage}"]).run.name for stage in ("text", "long")}
+
+
+def test_entrypoint_parser_splits_chains() -> None:
+    doc = {"spec": {"entrypoint": "python -m a x=1 && python -m b +algo=sft y='a b'"}}
+    assert _commands(doc) == [("a", ["x=1"]), ("b", ["+algo=sft", "y=a b"])]
+    for bad in ("python -m a; python -m b", "python -m a | tee log", "python -m a || python -m b", "python -m a &"):
+        with pytest.raises(AssertionError):
+            _commands({"spec": {"entrypoint": bad}})
 
 
 @pytest.mark.parametrize("item", _of_kind("RayJob"), ids=_id)
 def test_rayjob_entrypoint_module_and_overrides(item: tuple[str, dict[str, Any]], hydra_conf: None) -> None:
     f, doc = item
-    module, overrides = _entrypoint(doc)
-    assert importlib.util.find_spec(module) is not None, f"{f}: no module {module}"
-    assert importlib.util.find_spec(f"{module}.__main__") is not None, f"{f}: {module} is not runnable with -m"
-    assert "+stage=mm" in overrides and "run.storage_path=/mnt/runs" in overrides
-    cfg = compose_validated(overrides)
-    assert cfg.run.storage_path == "/mnt/runs"
+    earlier_runs: list[str] = []
+    for module, overrides in _commands(doc):
+        assert module in WORKLOADS, f"{f}: {module} is not one of {sorted(WORKLOADS)}"
+        assert importlib.util.find_spec(module) is not None, f"{f}: no module {module}"
+        assert importlib.util.find_spec(f"{module}.__main__") is not None, f"{f}: {module} is not runnable with -m"
+        group = WORKLOADS[module]
+        assert any(o.startswith(group) for o in overrides), f"{f}: {module} without a {group}... override"
+        assert f"run.storage_path={RUNS}" in overrides, f"{f}: {module} does not write to the {RUNS} volume"
+        cfg = compose_validated(overrides)
+        assert cfg.run.storage_path == RUNS
+        if module == "workloads.posttrain":
+            (algo,) = [o.removeprefix("+algo=") for o in overrides if o.startswith("+algo=")]
+            assert cfg.algo.name == algo, f"{f}: +algo={algo} composed to algo.name={cfg.algo.name}"
+            if cfg.model.path is not None:  # an export on the volume: a text pretraining stage or an earlier command
+                starts = {f"{RUNS}/{name}/export" for name in [*earlier_runs, *_pretrain_text_runs()]}
+                assert cfg.model.path in starts, f"{f}: model.path={cfg.model.path} is none of {sorted(starts)}"
+        else:
+            assert cfg.algo.name is None, f"{f}: {module} with an algo"
+        assert cfg.run.name not in earlier_runs, f"{f}: two commands write run.name={cfg.run.name}"
+        earlier_runs.append(cfg.run.name)
     selector = doc["spec"]["clusterSelector"]["ray.io/cluster"]
     variant_clusters = {d["metadata"]["name"] for g, d in _of_kind("RayCluster") if g.split("/")[0] == f.split("/")[0]}
     assert selector in variant_clusters, f"{f}: clusterSelector names no RayCluster of its variant"
+
+
+def _quantity(v: Any) -> float:
+    s = str(v)
+    return float(s[:-1]) / 1000 if s.endswith("m") else float(s)
+
+
+def _cluster_nodes(spec: dict[str, Any]) -> list[dict[str, float]]:
+    """The Ray resources of every pod the cluster can have at most: the head and maxReplicas of each group."""
+
+    def node(group: dict[str, Any]) -> dict[str, float]:
+        params = group.get("rayStartParams", {})
+        limits = group["template"]["spec"]["containers"][0].get("resources", {}).get("limits", {})
+        cpus = params.get("num-cpus", limits.get("cpu", 0))
+        gpus = params.get("num-gpus", limits.get("nvidia.com/gpu", 0))
+        return {"CPU": _quantity(cpus), "GPU": _quantity(gpus)}
+
+    nodes = [node(spec["headGroupSpec"])]
+    for g in spec["workerGroupSpecs"]:
+        nodes += [node(g) for _ in range(g["maxReplicas"])]
+    return nodes
+
+
+def _demand(cfg: Any, entrypoint_cpus: float) -> list[dict[str, float]]:
+    """Ray resource bundles of one command: the driver, the Ray Train workers and (RLVR/UPO) the rollout actors."""
+    t = cfg.trainer
+    bundles = [{"CPU": float(entrypoint_cpus), "GPU": 0.0}]
+    bundles += [{"CPU": float(t.cpus_per_worker), "GPU": 1.0 if t.use_gpu else 0.0}] * int(t.num_workers)
+    if cfg.algo.name in ("rlvr", "upo"):
+        r = cfg.algo.rollout
+        bundles += [{"CPU": float(r.cpus_per_actor), "GPU": float(r.gpus_per_actor)}] * int(r.num_actors)
+    return bundles
+
+
+def _fits(bundles: list[dict[str, float]], nodes: list[dict[str, float]]) -> bool:
+    free = [dict(n) for n in nodes]
+    for b in sorted(bundles, key=lambda b: (b["GPU"], b["CPU"]), reverse=True):  # first fit, largest first
+        for n in free:
+            if all(n[k] >= b[k] for k in b):
+                for k in b:
+                    n[k] -= b[k]
+                break
+        else:
+            return False
+    return True
+
+
+def test_fit_check_rejects_oversized_demand() -> None:
+    nodes = [{"CPU": 2.0, "GPU": 0.0}, {"CPU": 8.0, "GPU": 1.0}]
+    assert _fits([{"CPU": 4.0, "GPU": 1.0}, {"CPU": 2.0, "GPU": 0.0}, {"CPU": 3.0, "GPU": 0.0}], nodes)
+    assert not _fits([{"CPU": 4.0, "GPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}], nodes)  # a second GPU
+    assert not _fits([{"CPU": 3.0, "GPU": 0.0}] * 3, nodes)  # 9 CPUs but only 2 + 8, in pieces of 2 and 8
+
+
+@pytest.mark.parametrize("item", _of_kind("RayJob"), ids=_id)
+def test_rayjob_fits_its_cluster(item: tuple[str, dict[str, Any]], hydra_conf: None) -> None:
+    """Each command's driver + Ray Train workers + rollout actors fit on the selected RayCluster at its largest."""
+    f, doc = item
+    selector = doc["spec"]["clusterSelector"]["ray.io/cluster"]
+    (cluster,) = [d["spec"] for _, d in _of_kind("RayCluster") if d["metadata"]["name"] == selector]
+    nodes = _cluster_nodes(cluster)
+    for module, overrides in _commands(doc):
+        cfg = compose_validated(overrides)
+        bundles = _demand(cfg, doc["spec"].get("entrypointNumCpus", 0))
+        assert _fits(bundles, nodes), f"{f}: {module} {' '.join(overrides)} needs {bundles}; {selector} has {nodes}"
 
 
 def test_bad_override_is_caught(hydra_conf: None) -> None:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from ernie_platform.configs.posttrain import AlgoConfig, check_algo
 from ernie_platform.models.config import ErnieModelArgs, MoEConfig
 
 if TYPE_CHECKING:
@@ -251,6 +252,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     stage: StageConfig = field(default_factory=StageConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)  # post-training (`+algo=`); unused by pretraining
 
 
 def register_configs() -> None:
@@ -411,6 +413,7 @@ def _check_choices(cfg: DictConfig) -> None:
         return ValueError(f"config: {key}={value!r} is not valid (expected {allowed})")
 
     t, data, stage = cfg.trainer, cfg.data, cfg.stage
+    check_algo(cfg.algo, t)
     if t.lr_schedule not in ("cosine", "wsd"):
         raise bad("trainer.lr_schedule", t.lr_schedule, "cosine or wsd")
     if data.on_error not in ("raise", "skip"):

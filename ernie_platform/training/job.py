@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ray
 from omegaconf import DictConfig, OmegaConf
@@ -94,18 +95,32 @@ def _root_cause(exc: BaseException) -> str:
 
 def run_pretraining(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     """Run the configured pretraining job to the end; returns run id, tracking URI, export path and final metrics."""
+    plain = resolve(cfg)
+    return run_train_job(plain, train_loop_per_worker, start_plan(plain), ray_data=True)
+
+
+def run_train_job(
+    plain: dict[str, Any],
+    train_loop: Callable[[dict[str, Any]], None],
+    plan_line: str,
+    ray_data: bool = False,
+    extra_cpus: float = 0.0,
+) -> dict[str, Any]:
+    """The driver shared by pretraining and post-training: Ray, the MLflow run, `TorchTrainer(train_loop)` with
+    fault tolerance and resume, the progress line and the summary. `plain` is a `resolve`d config; `ray_data`: read
+    `data.source` files with Ray Data into the "train" dataset; `extra_cpus`: CPUs the loop's own actors need (RL
+    rollout workers) when a local Ray instance is started."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    plain = resolve(cfg)
     t, run = plain["trainer"], plain["run"]
     name = run["name"]
-    where = connect_ray(int(t["num_workers"]) * int(t["cpus_per_worker"]))
+    where = connect_ray(int(math.ceil(int(t["num_workers"]) * int(t["cpus_per_worker"]) + extra_cpus)))
     print(f"[{name}] Ray: {where}; {t['num_workers']} workers; storage {run['storage_path']}", flush=True)
-    print(f"[{name}] {start_plan(plain)}", flush=True)
+    print(f"[{name}] {plan_line}", flush=True)
 
     datasets = None
-    if plain["data"]["source"] != "builtin":
+    if ray_data and plain["data"]["source"] != "builtin":
         from ernie_platform.data import read_dataset
 
         ray.data.DataContext.get_current().execution_options.preserve_order = True
@@ -117,7 +132,7 @@ def run_pretraining(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
 
     progress = ProgressBoard.options(num_cpus=0).remote()
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        train_loop,
         train_loop_config={"cfg": plain, "tracking_uri": tracking_uri, "run_id": run_id, "progress": progress},
         scaling_config=ray.train.ScalingConfig(
             num_workers=int(t["num_workers"]),
@@ -170,7 +185,7 @@ def run_pretraining(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     db = tracking_uri.removeprefix("sqlite:///") if tracking_uri.startswith("sqlite:///") else None
     lines = [
         f"[{name}] done in {_fmt_time(time.time() - started)}: step {int(metrics.get('step', 0))}, "
-        f"loss {metrics.get('lm_loss', float('nan')):.4f}",
+        f"loss {metrics.get('lm_loss', metrics.get('loss', float('nan'))):.4f}",
         f"  export:      {export}",
         f"  checkpoint:  {result.checkpoint.path if result.checkpoint else None}",
         f"  MLflow run:  {run_id} (experiment {run['experiment']!r}, tracking URI {tracking_uri})",
@@ -182,6 +197,9 @@ def run_pretraining(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
             f"  held-out answer accuracy {metrics['eval/answer_accuracy']:.3f} "
             f"(chance {metrics.get('eval/chance_accuracy', float('nan')):.3f})",
         )
+    elif any(k.startswith("eval/") for k in metrics):
+        held_out = {k: v for k, v in sorted(metrics.items()) if k.startswith("eval/") and k.count("/") == 1}
+        lines.insert(1, "  held-out " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in held_out.items()))
     print("\n".join(lines), flush=True)
     return {
         "run_id": run_id,
@@ -210,4 +228,4 @@ class ProgressBoard:
         return self.latest
 
 
-__all__ = ["JobFailed", "connect_ray", "progress_line", "resolve", "run_pretraining"]
+__all__ = ["JobFailed", "connect_ray", "progress_line", "resolve", "run_pretraining", "run_train_job"]

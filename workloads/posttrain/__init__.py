@@ -1,1 +1,1 @@
-"""Post-training jobs (SFT, DPO, LoRA). Not implemented yet: lands with issue #7."""
+"""`python -m workloads.posttrain +algo=sft|dpo|rlvr|upo`: post-training jobs (see __main__.py)."""

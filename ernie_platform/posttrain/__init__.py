@@ -1,0 +1,1 @@
+"""Post-training: supervised fine-tuning, preference optimization and RL with verifiable rewards."""

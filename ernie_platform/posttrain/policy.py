@@ -1,0 +1,172 @@
+"""The policy being post-trained: where it starts, its LoRA adapters, its frozen reference and its weights for sync.
+
+Start (`start_of`): `model.path`, else the newest text-model export under `run.storage_path` (a pretraining or
+earlier post-training run), else the embedded demo model (random weights) with a warning — the order the issue and
+`workloads.serve` use. The reference for DPO / the KL term is the starting model itself: a frozen copy, or — with
+LoRA — the same module with its adapters switched off, which costs no memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import nn
+
+from ernie_platform.posttrain.lora import LoRAConfig, LoRALinear, apply_lora, has_lora, lora_disabled
+
+TEXT_MODEL_TYPES = ("ernie4_5", "ernie4_5_moe")
+
+
+@dataclass
+class PolicyStart:
+    path: Optional[str]  # checkpoint directory, or None for the demo model
+    message: str  # one log line saying where the run starts
+
+
+def newest_export(storage_path: str, exclude: Optional[str] = None) -> Optional[str]:
+    """The most recently written `<run>/export/` under `storage_path` that holds a text model (VL exports are not
+    post-trained here); `exclude`: this run's own export, which must not be its own starting point."""
+    root = Path(storage_path)
+    if "://" in storage_path or not root.is_dir():
+        return None
+    found = []
+    for config in root.glob("*/export/config.json"):
+        if exclude and config.parent.resolve() == Path(exclude).resolve():
+            continue
+        try:
+            model_type = json.loads(config.read_text()).get("model_type")
+        except (OSError, ValueError):
+            continue
+        if model_type in TEXT_MODEL_TYPES:
+            found.append((config.stat().st_mtime, str(config.parent)))
+    return max(found)[1] if found else None
+
+
+def start_of(cfg: dict[str, Any], own_export: str) -> PolicyStart:
+    path = cfg["model"].get("path")
+    if path:
+        if not (Path(path) / "config.json").is_file():
+            raise FileNotFoundError(f"model.path={path}: no config.json there (not a checkpoint directory)")
+        return PolicyStart(path, f"starting from model.path={path}")
+    newest = newest_export(cfg["run"]["storage_path"], exclude=own_export)
+    if newest:
+        return PolicyStart(newest, f"no model.path: starting from the newest local export {newest}")
+    return PolicyStart(
+        None,
+        f"no model.path and no text-model export under {cfg['run']['storage_path']}: starting from the demo model "
+        f"{cfg['model'].get('name')} with RANDOM weights (post-training it learns the task from scratch)",
+    )
+
+
+def load_policy(cfg: dict[str, Any], start: PolicyStart) -> tuple[nn.Module, Any]:
+    """(fp32 model on CPU in train mode, tokenizer); LoRA applied when `algo.finetune=lora`."""
+    from ernie_platform.configs.schema import to_model_args
+    from ernie_platform.models import ErnieForCausalLM, MoEConfig, load_pretrained, load_tokenizer
+
+    moe_cfg = MoEConfig(**cfg["moe"])
+    torch.manual_seed(int(cfg["trainer"]["seed"]))
+    if start.path:
+        model = load_pretrained(start.path, dtype=torch.float32, moe_cfg=moe_cfg)
+        p = Path(start.path)
+        has_tok = any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+        tokenizer = load_tokenizer(p if has_tok else None)
+    else:
+        model = ErnieForCausalLM(to_model_args(cfg["model"]), moe_cfg)
+        tokenizer = load_tokenizer(None)
+    if getattr(model, "cfg", None) is not None and hasattr(model.cfg, "vision"):
+        raise ValueError(f"{start.path}: a VL checkpoint; post-training supports text models (ernie4_5, ernie4_5_moe)")
+    if len(tokenizer) > model.args.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model.args.vocab_size}")
+    if cfg["algo"]["finetune"] == "lora":
+        lora = cfg["algo"]["lora"]
+        apply_lora(
+            model,
+            LoRAConfig(
+                r=int(lora["r"]),
+                alpha=float(lora["alpha"]),
+                dropout=float(lora["dropout"]),
+                target_modules=list(lora["target_modules"]),
+            ).validate(),
+        )
+    return model.float().train(), tokenizer
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+@contextlib.contextmanager
+def reference_of(policy: nn.Module, ref: Optional[nn.Module]) -> Iterator[nn.Module]:
+    """The reference model for a no-grad forward: `ref` (a frozen copy), or the policy with its adapters off."""
+    if ref is not None:
+        yield ref
+        return
+    was = policy.training
+    policy.eval()  # no dropout in the reference
+    try:
+        with lora_disabled(policy):
+            yield policy
+    finally:
+        policy.train(was)
+
+
+def needs_reference(cfg: dict[str, Any]) -> bool:
+    algo = cfg["algo"]
+    return algo["name"] == "dpo" or algo["name"] == "upo" or float(algo["kl_coef"]) > 0
+
+
+def build_reference(cfg: dict[str, Any], policy: nn.Module) -> Optional[nn.Module]:
+    """A frozen copy of the starting policy when one is needed and LoRA cannot provide it for free."""
+    if not needs_reference(cfg) or has_lora(policy):
+        return None
+    return frozen_copy(policy)
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The policy's weights in the plain model's layout (LoRA deltas folded in), on CPU: what rollout engines load."""
+    out: dict[str, torch.Tensor] = {}
+    lora = {name: mod for name, mod in model.named_modules() if isinstance(mod, LoRALinear)}
+    for name, tensor in model.state_dict().items():
+        owner = next((m for m in lora if name.startswith(m + ".")), None)
+        if owner is None:
+            out[name] = tensor.detach().cpu().clone()
+            continue
+        rest = name[len(owner) + 1 :]
+        if rest == "base.weight":
+            out[f"{owner}.weight"] = (tensor + lora[owner].delta_weight().to(tensor.dtype)).detach().cpu()
+        elif rest == "base.bias":
+            out[f"{owner}.bias"] = tensor.detach().cpu().clone()
+        # lora_A / lora_B themselves are folded in above
+    return out
+
+
+def environment_threads(cpus: float) -> None:
+    """One intra-op thread per CPU a Ray actor or worker was given (torch would otherwise use every core)."""
+    n = max(1, int(cpus))
+    torch.set_num_threads(n)
+    os.environ.setdefault("OMP_NUM_THREADS", str(n))
+
+
+__all__ = [
+    "PolicyStart",
+    "build_reference",
+    "environment_threads",
+    "frozen_copy",
+    "load_policy",
+    "merged_state_dict",
+    "needs_reference",
+    "newest_export",
+    "reference_of",
+    "start_of",
+]
