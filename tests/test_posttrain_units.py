@@ -122,3 +122,17 @@ def test_rl_loss_is_zero_gradient_free_for_equal_rewards_and_pushes_up_the_bette
     opt.step()
     after = seq_logps()
     assert after[0] > before[0] and after[1] < before[1]
+
+
+def test_engine_stops_at_the_chat_end_of_turn_token() -> None:
+    """ERNIE's chat template closes assistant turns with <|end_of_sentence|>, not the tokenizer's eos (</s>): a chat
+    answer (and an RL rollout) must end there."""
+    from ernie_platform.inference import Engine
+    from ernie_platform.inference.engine import end_of_turn_ids
+    from ernie_platform.models import load_tokenizer
+
+    tok = load_tokenizer(None)
+    eot = tok.convert_tokens_to_ids("<|end_of_sentence|>")
+    assert end_of_turn_ids(tok) == {eot} and eot != tok.eos_token_id
+    engine = Engine(_tiny(), tok, max_batch_size=2, max_seq_len=32)
+    assert {tok.eos_token_id, eot} <= engine.eos_token_ids

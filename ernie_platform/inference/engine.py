@@ -50,6 +50,20 @@ class _Request:
         return len(self.prompt_ids) + self.params.max_tokens
 
 
+END_OF_TURN_TOKENS = ("<|end_of_sentence|>",)  # ERNIE 4.5's chat template closes every assistant turn with it
+
+
+def end_of_turn_ids(tokenizer: Any) -> set[int]:
+    """Ids of the chat template's end-of-turn tokens that this tokenizer has as special tokens: a chat answer ends
+    there even when the tokenizer's `eos_token` is another token (`</s>` in ERNIE 4.5's vocabulary)."""
+    special = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    ids = set()
+    for tok in END_OF_TURN_TOKENS:
+        if tok in special:
+            ids.add(int(tokenizer.convert_tokens_to_ids(tok)))
+    return ids
+
+
 class Engine:
     def __init__(
         self,
@@ -75,6 +89,7 @@ class Engine:
         eos = {int(tokenizer.eos_token_id)} if getattr(tokenizer, "eos_token_id", None) is not None else set()
         cfg_eos = getattr(model.args, "eos_token_id", None)
         eos |= {int(cfg_eos)} if isinstance(cfg_eos, int) else {int(e) for e in (cfg_eos or [])}
+        eos |= end_of_turn_ids(tokenizer)
         self.eos_token_ids: set[int] = eos
         self._lock = threading.Lock()  # queue / request bookkeeping
         self._step_lock = threading.Lock()  # one step at a time

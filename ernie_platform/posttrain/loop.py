@@ -251,7 +251,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if pool is not None:
         pool.shutdown()
     if max_steps <= step_start and rank == 0:
+        # A rerun of a finished run (same run.name) re-evaluates its checkpoint: e.g. after changing the eval set.
         print(f"nothing to train: the checkpoint is at step {step_start} >= trainer.max_steps={max_steps}", flush=True)
+        ev = _evaluate(cfg, engine.module, ref_ctx, tokenizer)
+        print("eval " + " ".join(f"{k}={v:.4f}" for k, v in sorted(ev.items())), flush=True)
+        if logger is not None:
+            logger.log(ev, step_start)
     target = _finish(engine, cfg, tokenizer, rank, start)
     if rank == 0 and logger is not None:
         logger.set_tags({"ernie.export": target})
