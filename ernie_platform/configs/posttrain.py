@@ -50,9 +50,9 @@ class AlgoConfig:
     lora: LoRASchema = field(default_factory=LoRASchema)
     # ---- data: data.source=builtin uses these built-in verifiable tasks (ernie_platform.posttrain.tasks) ----
     tasks: List[str] = field(default_factory=lambda: ["arithmetic"])
-    max_operand: int = 20  # arithmetic operands are drawn from 0..max_operand
+    max_operand: int = 50  # arithmetic operands are drawn from 0..max_operand
     train_samples: int = 20000  # built-in training examples
-    eval_samples: int = 200  # built-in held-out examples for the end-of-run evaluation
+    eval_samples: int = 1000  # built-in held-out examples for the end-of-run evaluation
     eval_source: Optional[str] = None  # held-out file (same format as data.source); None: built-in test split
     max_len: int = 256  # longest tokenized example (prompt + response); longer ones are skipped and counted
     # ---- DPO (and UPO's pair term) ----
