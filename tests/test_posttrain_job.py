@@ -132,6 +132,7 @@ def test_upo_online_pairs_and_a_raising_reward(ray_local, tiny_moe_ckpt: Path, s
     assert "upo/pairs" in m and "upo/pair_loss" in m
     assert sum(m["reward_errors"]) > 0  # scored -1 and reported, the run went on
     assert min(m["reward"]) >= -1
+    _loads_in_transformers(result["export"])
 
 
 def test_sft_resumes_after_a_worker_dies(ray_local, tiny_moe_ckpt: Path, storage: Path) -> None:
