@@ -11,6 +11,19 @@ TINY_MOE_ARGS = dict(
 )  # fmt: skip
 
 
+def compose_config(*overrides: str):
+    """`conf/config.yaml` composed with `overrides` and validated, as the workload entrypoints do."""
+    from hydra import compose, initialize_config_dir
+
+    from ernie_platform.configs import register_configs, validate_config
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base=None):
+        cfg = compose("config", overrides=list(overrides))
+    validate_config(cfg)
+    return cfg
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

@@ -16,13 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
-from ernie_platform.configs import register_configs, validate_config
 from ernie_platform.posttrain.job import run_posttraining
 from ernie_platform.training.job import JobFailed
 from ernie_platform.training.tracking import metric_history
+from tests.conftest import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
@@ -38,16 +37,10 @@ FAST = [
 RL_FAST = ["algo.rollout.prompts_per_step=4", "algo.rollout.group_size=4", "algo.rollout.max_new_tokens=4"]
 
 
-def _cfg(*overrides: str):
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        cfg = compose("config", overrides=list(overrides))
-    validate_config(cfg)
-    return cfg
-
-
 def _run(ckpt: Path, storage: Path, algo: str, name: str, *extra: str) -> dict:
-    cfg = _cfg(f"+algo={algo}", f"model.path={ckpt}", f"run.storage_path={storage}", f"run.name={name}", *FAST, *extra)
+    cfg = compose_config(
+        f"+algo={algo}", f"model.path={ckpt}", f"run.storage_path={storage}", f"run.name={name}", *FAST, *extra
+    )
     return run_posttraining(cfg)
 
 
@@ -156,6 +149,6 @@ def test_cli_requires_an_algorithm_and_rejects_bad_values() -> None:
     )
     assert proc.returncode == 2 and "+algo=sft|dpo|rlvr|upo" in proc.stderr
     with pytest.raises(ValueError, match=r"algo\.rollout\.group_size=1"):
-        _cfg("+algo=rlvr", "algo.rollout.group_size=1")
+        compose_config("+algo=rlvr", "algo.rollout.group_size=1")
     with pytest.raises(ValueError, match=r"algo\.finetune='qlora'"):
-        _cfg("+algo=sft", "algo.finetune=qlora")
+        compose_config("+algo=sft", "algo.finetune=qlora")

@@ -115,7 +115,7 @@ def test_rl_loss_is_zero_gradient_free_for_equal_rewards_and_pushes_up_the_bette
         return (logp * mask).sum(-1)
 
     before = seq_logps()
-    loss, metrics, old = algos.rl_loss(model, None, batch, None, algo)
+    loss, metrics = algos.rl_loss(model, None, batch, algo)
     assert metrics["clip_fraction"] == 0.0 and abs(metrics["ratio_mean"] - 1.0) < 1e-6  # on-policy: ratio 1
     opt.zero_grad()
     loss.backward()

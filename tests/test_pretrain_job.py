@@ -19,13 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
-from ernie_platform.configs import register_configs, validate_config
 from ernie_platform.models import load_pretrained
 from ernie_platform.training.job import JobFailed, run_pretraining
 from ernie_platform.training.tracking import RUN_NAME_TAG, metric_history
+from tests.conftest import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
@@ -45,14 +44,6 @@ TEXT = [
 ]
 
 
-def _cfg(*overrides: str):
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        cfg = compose("config", overrides=list(overrides))
-    validate_config(cfg)
-    return cfg
-
-
 def _weights(path: str | Path) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in load_pretrained(path).state_dict().items()}
 
@@ -64,7 +55,7 @@ def storage(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(ray_local, storage: Path) -> dict:
-    return run_pretraining(_cfg(*TEXT, "trainer.max_steps=6", f"run.storage_path={storage}", "run.name=ref"))
+    return run_pretraining(compose_config(*TEXT, "trainer.max_steps=6", f"run.storage_path={storage}", "run.name=ref"))
 
 
 def test_text_stage_end_to_end(reference: dict, storage: Path) -> None:
@@ -114,10 +105,12 @@ def test_text_stage_end_to_end(reference: dict, storage: Path) -> None:
 
 def test_killed_worker_resumes_and_rerun_continues(reference: dict, storage: Path) -> None:
     common = [*TEXT, f"run.storage_path={storage}", "run.name=faulty"]
-    first = run_pretraining(_cfg(*common, "trainer.max_steps=4", "trainer.fail_at_step=3", "trainer.fail_rank=1"))
+    first = run_pretraining(
+        compose_config(*common, "trainer.max_steps=4", "trainer.fail_at_step=3", "trainer.fail_rank=1")
+    )
     assert (storage / "faulty" / ".failure_injected_at_3").is_file()  # the kill really happened
     assert first["metrics"]["step"] == 4
-    second = run_pretraining(_cfg(*common, "trainer.max_steps=6"))
+    second = run_pretraining(compose_config(*common, "trainer.max_steps=6"))
     assert second["run_id"] == first["run_id"]  # the same MLflow run continues
 
     client = MlflowClient(reference["tracking_uri"])
@@ -141,7 +134,7 @@ def test_killed_worker_resumes_and_rerun_continues(reference: dict, storage: Pat
 
 def test_expert_parallel_matches_data_parallel(reference: dict, storage: Path) -> None:
     ep = run_pretraining(
-        _cfg(
+        compose_config(
             *TEXT,
             "trainer.max_steps=6",
             "moe.expert_parallel_size=2",
@@ -158,7 +151,7 @@ def test_expert_parallel_matches_data_parallel(reference: dict, storage: Path) -
 def test_long_then_mm_cli(reference: dict, storage: Path) -> None:
     text_export = reference["export"]
     long = run_pretraining(
-        _cfg(
+        compose_config(
             "+stage=long",
             "model=ernie45_tiny_moe",
             "trainer.max_steps=2",
@@ -236,12 +229,12 @@ def test_bad_records_skipped_or_fail_with_file_and_line(ray_local, storage: Path
         f"run.storage_path={storage}",
     ]
 
-    ok = run_pretraining(_cfg(*common, "data.on_error=skip", "run.name=skip"))
+    ok = run_pretraining(compose_config(*common, "data.on_error=skip", "run.name=skip"))
     hist = metric_history(ok["tracking_uri"], ok["run_id"], ["data/skipped", "data/records"])
     assert hist["data/skipped"][-1][1] >= 1 and hist["data/records"][-1][1] > 0
 
     with pytest.raises(JobFailed, match=r"a\.jsonl:3"):
-        run_pretraining(_cfg(*common, "run.name=raise"))
+        run_pretraining(compose_config(*common, "run.name=raise"))
     run = MlflowClient(ok["tracking_uri"]).search_runs(
         [MlflowClient(ok["tracking_uri"]).get_run(ok["run_id"]).info.experiment_id],
         filter_string=f"tags.`{RUN_NAME_TAG}` = 'raise'",

@@ -9,19 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
+from ernie_platform.posttrain.lora import LoRAConfig
+
 ALGORITHMS = ("sft", "dpo", "rlvr", "upo")
 
 
 @dataclass
-class LoRASchema:
-    """`algo.lora` (used when `algo.finetune=lora`); PEFT's names."""
+class LoRASchema(LoRAConfig):
+    """`algo.lora` (used when `algo.finetune=lora`): the adapter's own config (r, alpha, dropout, target_modules —
+    Linear layers by name; routed experts are stacked tensors and never adapted) plus what the job does with it."""
 
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    # Linear layers by name (attention q/k/v/o, dense and shared-expert MLP gate/up/down); routed experts are
-    # stacked tensors, not Linear layers, and are never adapted.
-    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     save_adapters: bool = True  # also write the adapters alone (PEFT layout) to <run>/adapters/
 
 

@@ -35,6 +35,18 @@ def demo_model_args() -> ErnieModelArgs:
     return ErnieModelArgs.from_mapping(d)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def has_tokenizer(path: Union[str, os.PathLike]) -> bool:
+    return any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
+
+
+def checkpoint_tokenizer(path: Optional[Union[str, os.PathLike]]) -> Any:
+    """The tokenizer saved with the checkpoint at `path`, else (no path, or no tokenizer files) the built-in one."""
+    return load_tokenizer(path if path and has_tokenizer(path) else None)
+
+
 def load_model_and_tokenizer(
     path: Optional[Union[str, os.PathLike]],
     dtype: Optional[torch.dtype] = None,
@@ -54,10 +66,6 @@ def load_model_and_tokenizer(
             cast_model(model, dtype)
         return model.to(device).eval(), load_tokenizer(None)
     model = load_pretrained(path, dtype=dtype, device=device)
-    p = Path(path)
-    if any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        tokenizer = load_tokenizer(p)
-    else:
-        log.warning("inference: %s has no tokenizer files; using the built-in byte-level tokenizer", p)
-        tokenizer = load_tokenizer(None)
-    return model.eval(), tokenizer
+    if not has_tokenizer(path):
+        log.warning("inference: %s has no tokenizer files; using the built-in byte-level tokenizer", path)
+    return model.eval(), checkpoint_tokenizer(path)

@@ -150,6 +150,10 @@ class RLBatch:
     labels: torch.Tensor  # [B, T] completion tokens, -100 elsewhere
     rewards_GN: torch.Tensor  # [G, N] this rank's groups
     advantages_B: torch.Tensor  # [B] = [G * N]
+    # Filled by the first `rl_loss` on this batch and reused by later PPO epochs: the log-probabilities of the policy
+    # that generated the rollouts (π_old) and of the reference.
+    old_logp: Optional[torch.Tensor] = None
+    ref_logp: Optional[torch.Tensor] = None
 
 
 def rl_batch(groups: list[list[Rollout]], rewards: list[list[float]], algo: dict[str, Any]) -> RLBatch:
@@ -172,24 +176,31 @@ def rl_loss(
     model: nn.Module,
     ref_ctx: Any,
     batch: RLBatch,
-    old_logp: Optional[torch.Tensor],
     algo: dict[str, Any],
     pair_batch: Optional[dict[str, torch.Tensor]] = None,
-) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
-    """(loss, metrics, this forward's detached logp — the `old_logp` of later PPO epochs)."""
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """(loss, metrics) of one optimizer step on `batch`; the first call on a batch also fixes its `old_logp` (this
+    forward's, detached) and, when needed, its `ref_logp`."""
     feed = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "labels": batch.labels}
     out, logp, mask = _forward_logps(model, feed)
-    old = logp.detach() if old_logp is None else old_logp
+    if batch.old_logp is None:
+        batch.old_logp = logp.detach()
     pg, m = losses.clipped_policy_loss(
-        logp, old, batch.advantages_B, mask, float(algo["clip_low"]), float(algo["clip_high"]), algo["loss_agg"]
+        logp,
+        batch.old_logp,
+        batch.advantages_B,
+        mask,
+        float(algo["clip_low"]),
+        float(algo["clip_high"]),
+        algo["loss_agg"],
     )
     metrics = {"policy_loss": float(pg.detach()), **{k: float(v) for k, v in m.items()}}
     loss = pg
     need_ref = float(algo["kl_coef"]) > 0 or (algo["name"] == "upo" and algo["upo_pairs"] == "online")
-    ref_logp = None
-    if need_ref:
+    if need_ref and batch.ref_logp is None:
         with torch.no_grad(), ref_ctx() as ref:
-            _, ref_logp, _ = _forward_logps(ref, feed)
+            _, batch.ref_logp, _ = _forward_logps(ref, feed)
+    ref_logp = batch.ref_logp
     if float(algo["kl_coef"]) > 0:
         kl = losses.masked_mean(losses.kl_penalty(logp, ref_logp, algo["kl_kind"]), mask)
         loss = loss + float(algo["kl_coef"]) * kl
@@ -203,7 +214,7 @@ def rl_loss(
         metrics["entropy"] = float(losses.entropy_from_logits(out.logits.detach(), mask))
     loss = loss + _router(out)
     metrics["loss"] = float(loss.detach())
-    return loss, metrics, old
+    return loss, metrics
 
 
 def _upo_term(model, ref_ctx, logp, ref_logp, mask, batch: RLBatch, algo, pair_batch):

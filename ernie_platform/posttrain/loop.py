@@ -28,7 +28,15 @@ from ernie_platform.posttrain.policy import (
     start_of,
 )
 from ernie_platform.training import checkpointing
-from ernie_platform.training.loop import _allreduce_mean, _export, _quiet_ray_train_reports, export_dir, run_dir
+from ernie_platform.training.loop import (
+    _allreduce_mean,
+    _data_metrics,
+    _eta_s,
+    _export,
+    _quiet_ray_train_reports,
+    export_dir,
+    run_dir,
+)
 from ernie_platform.training.strategy import build_engine
 
 RL = ("rlvr", "upo")
@@ -107,6 +115,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     stats = DataStats()
     batches = None
     rl_items: list[Any] = []
+    prompt_ids: list[list[int]] = []
     pool = None
     pair_stream = None
     if name == "sft":
@@ -114,15 +123,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     elif name == "dpo":
         batches = algos.dpo_batches(cfg, tokenizer, rank, world, stats)
     else:
-        from ernie_platform.posttrain import data as pdata
-
         rl_items = algos.examples(cfg, "rl", "train", stats)
-        prompt_ids = [pdata.encode_prompt(tokenizer, ex.messages) for ex in rl_items]
         if name == "upo" and algo["upo_pairs"] == "offline":
             pair_stream = algos.dpo_batches(cfg, tokenizer, rank, world, stats)
-        if rank == 0:
+        if rank == 0:  # rank 0 alone samples the prompts, drives the rollouts and scores them
+            from ernie_platform.posttrain import data as pdata
             from ernie_platform.posttrain.rollout import RolloutPool
 
+            prompt_ids = [pdata.encode_prompt(tokenizer, ex.messages) for ex in rl_items]
             pool = RolloutPool(cfg, start.path, run_dir(cfg))
     for _ in range(int(state["batches"])):  # data position: replay the deterministic stream up to the checkpoint
         next(batches if batches is not None else pair_stream)
@@ -159,12 +167,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     interval[k] += v / accum
                 interval["tokens"] += n_tok
         else:
-            r = algo["rollout"]
-            rng = torch.Generator().manual_seed(int(t["seed"]) * 7_919 + step)
-            chosen = torch.randperm(len(rl_items), generator=rng)[: int(r["prompts_per_step"])].tolist()
             payload = None
             if rank == 0:
                 t_gen = time.time()
+                rng = torch.Generator().manual_seed(int(t["seed"]) * 7_919 + step)
+                n_prompts = int(algo["rollout"]["prompts_per_step"])
+                chosen = torch.randperm(len(rl_items), generator=rng)[:n_prompts].tolist()
                 weights = merged_state_dict(engine.module)
                 pool.sync(weights, step)
                 groups = pool.generate([prompt_ids[i] for i in chosen], step, int(t["seed"]), weights, step)
@@ -183,9 +191,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if pair_stream is not None:
                 pair_batch = {k: v.to(device) for k, v in next(pair_stream).items()}
                 state["batches"] = int(state["batches"]) + 1
-            old = None
             for epoch in range(ppo):
-                loss, m, old = algos.rl_loss(engine, ref_ctx, batch, old, algo, pair_batch)
+                loss, m = algos.rl_loss(engine, ref_ctx, batch, algo, pair_batch)
                 engine.backward(loss)
                 engine.step()
                 if epoch == 0:
@@ -218,15 +225,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics.update({"tokens_per_s": tok / max(elapsed, 1e-9), "step_time_s": elapsed / n, "lr": lr})
             if restarts_now is not None:
                 metrics["rollout_restarts"] = restarts_now
-            data_stats = _allreduce_mean({f"data/{k}": float(v) for k, v in stats.as_dict().items()}, world)
-            metrics.update({k: v if k == "data/epochs" else v * world for k, v in data_stats.items()})
+            metrics.update(_data_metrics(stats, world))
             if rank == 0:
                 if logger is not None:
                     logger.log(metrics, step)
                 if progress is not None:
-                    rate = (step - step_start) / max(time.time() - t_start, 1e-9)
                     rec = {"step": step, "max_steps": max_steps, "loss": metrics.get("loss", float("nan"))}
-                    rec.update({"tokens_per_s": metrics["tokens_per_s"], "eta_s": (max_steps - step) / max(rate, 1e-9)})
+                    rec.update(tokens_per_s=metrics["tokens_per_s"], eta_s=_eta_s(step, max_steps, step_start, t_start))
                     rec["phase"] = (
                         f"{name} reward {metrics['reward']:.3f} acc {metrics['accuracy']:.3f}" if name in RL else name
                     )
@@ -281,15 +286,13 @@ def _evaluate(cfg: dict[str, Any], model: torch.nn.Module, ref_ctx: Any, tokeniz
 
 def _finish(engine: Any, cfg: dict[str, Any], tokenizer: Any, rank: int, start: Any) -> str:
     """Adapters saved on their own (PEFT layout), merged into the weights, then the transformers-layout export."""
-    from ernie_platform.posttrain.lora import LoRAConfig, has_lora, merge_lora, save_adapters
+    from ernie_platform.posttrain.lora import has_lora, merge_lora, save_adapters
+    from ernie_platform.posttrain.policy import lora_config
 
     model = engine.module
     if has_lora(model):
-        lora = cfg["algo"]["lora"]
-        if rank == 0 and lora["save_adapters"]:
-            lcfg = LoRAConfig(r=int(lora["r"]), alpha=float(lora["alpha"]), dropout=float(lora["dropout"]))
-            lcfg.target_modules = list(lora["target_modules"])
-            where = save_adapters(model, Path(run_dir(cfg)) / "adapters", lcfg, base_model_path=start.path)
+        if rank == 0 and cfg["algo"]["lora"]["save_adapters"]:
+            where = save_adapters(model, Path(run_dir(cfg)) / "adapters", lora_config(cfg), base_model_path=start.path)
             print(f"LoRA adapters saved to {where}", flush=True)
         merge_lora(model)
     return _export(engine, cfg, tokenizer, rank, 1)

@@ -131,20 +131,10 @@ def dpo_loss(
     return losses_B.mean(), metrics
 
 
-def upo_pair_loss(
-    policy_chosen_B: torch.Tensor,
-    policy_rejected_B: torch.Tensor,
-    ref_chosen_B: torch.Tensor,
-    ref_rejected_B: torch.Tensor,
-    beta: float,
-    label_smoothing: float = 0.0,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The preference half of ERNIE 4.5's UPO (unified preference optimization): DPO on online pairs.
-
-    The pairs are the best and worst sampled completions of a prompt (`best_worst_pairs` on their verifiable
-    rewards), so the objective is exactly `dpo_loss`; this name only documents where the pairs come from.
-    """
-    return dpo_loss(policy_chosen_B, policy_rejected_B, ref_chosen_B, ref_rejected_B, beta, label_smoothing)
+# The preference half of ERNIE 4.5's UPO (unified preference optimization): DPO on online pairs. The pairs are the
+# best and worst sampled completions of a prompt (`best_worst_pairs` on their verifiable rewards), so the objective is
+# exactly `dpo_loss`; the name only says where the pairs come from.
+upo_pair_loss = dpo_loss
 
 
 def best_worst_pairs(rewards_GN: torch.Tensor) -> list[tuple[int, int, int]]:

@@ -68,34 +68,34 @@ def start_of(cfg: dict[str, Any], own_export: str) -> PolicyStart:
 def load_policy(cfg: dict[str, Any], start: PolicyStart) -> tuple[nn.Module, Any]:
     """(fp32 model on CPU in train mode, tokenizer); LoRA applied when `algo.finetune=lora`."""
     from ernie_platform.configs.schema import to_model_args
-    from ernie_platform.models import ErnieForCausalLM, MoEConfig, load_pretrained, load_tokenizer
+    from ernie_platform.inference.loading import checkpoint_tokenizer
+    from ernie_platform.models import ErnieForCausalLM, MoEConfig, load_pretrained
 
     moe_cfg = MoEConfig(**cfg["moe"])
     torch.manual_seed(int(cfg["trainer"]["seed"]))
     if start.path:
         model = load_pretrained(start.path, dtype=torch.float32, moe_cfg=moe_cfg)
-        p = Path(start.path)
-        has_tok = any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-        tokenizer = load_tokenizer(p if has_tok else None)
     else:
         model = ErnieForCausalLM(to_model_args(cfg["model"]), moe_cfg)
-        tokenizer = load_tokenizer(None)
+    tokenizer = checkpoint_tokenizer(start.path)
     if getattr(model, "cfg", None) is not None and hasattr(model.cfg, "vision"):
         raise ValueError(f"{start.path}: a VL checkpoint; post-training supports text models (ernie4_5, ernie4_5_moe)")
     if len(tokenizer) > model.args.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model.args.vocab_size}")
     if cfg["algo"]["finetune"] == "lora":
-        lora = cfg["algo"]["lora"]
-        apply_lora(
-            model,
-            LoRAConfig(
-                r=int(lora["r"]),
-                alpha=float(lora["alpha"]),
-                dropout=float(lora["dropout"]),
-                target_modules=list(lora["target_modules"]),
-            ).validate(),
-        )
+        apply_lora(model, lora_config(cfg))
     return model.float().train(), tokenizer
+
+
+def lora_config(cfg: dict[str, Any]) -> LoRAConfig:
+    """The validated adapter config of `algo.lora` (a resolved config: plain containers)."""
+    lora = cfg["algo"]["lora"]
+    return LoRAConfig(
+        r=int(lora["r"]),
+        alpha=float(lora["alpha"]),
+        dropout=float(lora["dropout"]),
+        target_modules=list(lora["target_modules"]),
+    ).validate()
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -134,20 +134,20 @@ def build_reference(cfg: dict[str, Any], policy: nn.Module) -> Optional[nn.Modul
 
 @torch.no_grad()
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The policy's weights in the plain model's layout (LoRA deltas folded in), on CPU: what rollout engines load."""
+    """The policy's weights in the plain model's layout (LoRA deltas folded in), on CPU: what rollout engines load.
+    The tensors of non-adapted weights are the parameters themselves (on CPU): put them in the object store (which
+    copies) before the next optimizer step."""
     out: dict[str, torch.Tensor] = {}
     lora = {name: mod for name, mod in model.named_modules() if isinstance(mod, LoRALinear)}
     for name, tensor in model.state_dict().items():
-        owner = next((m for m in lora if name.startswith(m + ".")), None)
-        if owner is None:
-            out[name] = tensor.detach().cpu().clone()
-            continue
-        rest = name[len(owner) + 1 :]
-        if rest == "base.weight":
+        owner, _, rest = name.rpartition(".base.")
+        if owner not in lora:
+            if name.rsplit(".", 2)[0] not in lora:  # <owner>.lora_A/B.weight are folded into <owner>.weight
+                out[name] = tensor.detach().cpu()
+        elif rest == "weight":
             out[f"{owner}.weight"] = (tensor + lora[owner].delta_weight().to(tensor.dtype)).detach().cpu()
-        elif rest == "base.bias":
-            out[f"{owner}.bias"] = tensor.detach().cpu().clone()
-        # lora_A / lora_B themselves are folded in above
+        else:
+            out[f"{owner}.{rest}"] = tensor.detach().cpu()
     return out
 
 

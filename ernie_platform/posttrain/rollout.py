@@ -8,7 +8,6 @@ per-prompt seeds, so a retried iteration samples the same completions. An actor 
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from dataclasses import dataclass
@@ -16,8 +15,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import ray
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,22 +31,19 @@ class RolloutWorker:
     """One inference engine over a copy of the policy; weights replaced in place by `load_weights`."""
 
     def __init__(self, model_cfg: dict[str, Any], start_path: Optional[str], engine_kw: dict[str, Any], cpus: float):
+        import torch
+
         from ernie_platform.configs.schema import to_model_args
         from ernie_platform.inference import Engine
-        from ernie_platform.models import ErnieForCausalLM, load_pretrained, load_tokenizer
+        from ernie_platform.inference.loading import load_model_and_tokenizer
+        from ernie_platform.models import ErnieForCausalLM, load_tokenizer
         from ernie_platform.posttrain.policy import environment_threads
 
         environment_threads(cpus)
         if start_path:
-            import torch
-
-            model = load_pretrained(start_path, dtype=torch.float32)
-            p = Path(start_path)
-            tok = any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-            tokenizer = load_tokenizer(p if tok else None)
-        else:
-            model = ErnieForCausalLM(to_model_args(model_cfg))
-            tokenizer = load_tokenizer(None)
+            model, tokenizer = load_model_and_tokenizer(start_path, dtype=torch.float32)
+        else:  # the demo model: its weights come with the first sync
+            model, tokenizer = ErnieForCausalLM(to_model_args(model_cfg)), load_tokenizer(None)
         self.engine = Engine(model.eval(), tokenizer, **engine_kw)
         self.version = -1
 

@@ -22,7 +22,6 @@ import hmac
 import logging
 import time
 import uuid
-from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 from fastapi import FastAPI, Request
@@ -66,11 +65,9 @@ async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:  #
 
 def load_serving_tokenizer(path: Optional[str]) -> Any:
     """The checkpoint's tokenizer, or the built-in byte-level one (as `Engine.from_pretrained` decides)."""
-    from ernie_platform.models import load_tokenizer
+    from ernie_platform.inference.loading import checkpoint_tokenizer
 
-    if path and any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        return load_tokenizer(path)
-    return load_tokenizer(None)
+    return checkpoint_tokenizer(path)
 
 
 def _message(e: BaseException) -> str:

@@ -128,6 +128,18 @@ def _clip_expert_parallel(model: torch.nn.Module, max_norm: float, ep_group: Any
     return norm
 
 
+def _data_metrics(stats: Any, world: int) -> dict[str, float]:
+    """`data/*` counters of the ranks' `DataStats` summed over the ranks (`data/epochs`: their mean)."""
+    per_rank = _allreduce_mean({f"data/{k}": float(v) for k, v in stats.as_dict().items()}, world)
+    return {k: v if k == "data/epochs" else v * world for k, v in per_rank.items()}
+
+
+def _eta_s(step: int, max_steps: int, step_start: int, t_start: float) -> float:
+    """Seconds left at the rate of the steps run since this (re)start."""
+    rate = (step - step_start) / max(time.time() - t_start, 1e-9)
+    return (max_steps - step) / max(rate, 1e-9)
+
+
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -406,20 +418,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     ratios.append(ratio)
             if ratios:
                 metrics["expert_load/imbalance_mean"] = sum(ratios) / len(ratios)
-            data_stats = _allreduce_mean({f"data/{k}": float(v) for k, v in stats.as_dict().items()}, world)
-            metrics.update({k: v if k == "data/epochs" else v * world for k, v in data_stats.items()})
+            metrics.update(_data_metrics(stats, world))
             if rank == 0:
                 if logger is not None:
                     logger.log(metrics, step)
                 if progress is not None:
-                    rate = (step - step_start) / max(time.time() - t_start, 1e-9)
                     progress.update.remote(
                         {
                             "step": step,
                             "max_steps": max_steps,
                             "loss": metrics["lm_loss"],
                             "tokens_per_s": tok_s,
-                            "eta_s": (max_steps - step) / max(rate, 1e-9),
+                            "eta_s": _eta_s(step, max_steps, step_start, t_start),
                             "phase": phase,
                         }
                     )
