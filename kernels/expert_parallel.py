@@ -4,19 +4,25 @@ Shape legend (suffixes on tensor names), as in kernels/moe.py:
     T  tokens on this rank         D  model (hidden) width
     K  experts chosen per token    E  experts in the pool (global)
     F  expert FFN width            N  routed (token, k) pairs sent by this rank = T * K
-    P  ranks in the EP group       L  experts (slots) per rank = E / P
+    P  ranks in the EP group       S  physical expert slots in the group (S >= E; S > E: replicas)
+    L  slots per rank = S / P      X  max replicas of one expert (log2phy's padded width)
     R  routed pairs received by this rank (from all P ranks)
 
-Placement. `placement_E[e]` is the *physical slot* of global expert e; slot s lives on EP rank s // L at local index
-s % L. The identity placement puts experts [r·L, (r+1)·L) on rank r; any permutation is allowed (e.g. one that spreads
-hot experts over ranks), and the model's numerics do not depend on it — only where the compute happens.
+Placement (the load-balancing issue's EPLB tables, one layer): `phy2log_S[s]` is the logical (global) expert held
+by physical slot s; slot s lives on EP rank s // L at local index s % L. `log2phy_EX[e]` lists e's slots (-1 padded),
+`logcnt_E[e]` how many. Without replicas (S == E) a placement is a permutation, also given as `placement_E[e]` = the
+slot of expert e; the identity puts experts [r·L, (r+1)·L) on rank r. With replicas a hot expert lives in several
+slots (on several ranks) and its (token, k) pairs are split evenly over them: on each source rank the i-th pair of
+expert e (in token order) goes to replica (i + rank) mod logcnt_E[e]. Replicas hold identical weights and optimizer
+state: their gradients are summed over the replicas (`sync_replica_gradients`) before the optimizer step, so they
+stay equal. The model's numerics do not depend on the placement — only where the compute happens.
 
 Forward of one MoE layer (the router has already run, replicated, on this rank's T tokens; ids are global):
     global id → slot → (destination rank, local id); the N pairs sorted by slot, hence grouped by destination rank
     counts:  all_to_all_single of the [P, L] per-(rank, local expert) pair counts, so every rank learns how many rows
              it will receive from each source and for which of its local experts (no expert ids travel with rows)
     dispatch: differentiable all-to-all of the N token rows (x) → R rows on the ranks holding their experts
-    experts: kernels.moe.moe_experts on the R rows with local ids and weight 1 (unweighted expert outputs)
+    experts: kernels.moe.moe_experts on the R rows with local slot ids and weight 1 (unweighted expert outputs)
     combine: differentiable all-to-all of the R outputs back to their source ranks, then the routing weights applied
              on the source rank and the K outputs of each token summed with index_add → [T, D]
 The routing weights never leave their rank, so their gradient is the ordinary local product rule; the all-to-all's
@@ -30,68 +36,44 @@ counts travel on x's device. One host sync per layer (the split sizes) is inhere
 Gradients (see `allreduce_gradients`): expert weights are sharded over the EP group and replicated over the
 expert-data-parallel group (ranks holding the same slots); everything else is replicated on every rank. With each
 rank's loss the mean over its local batch and the training objective their mean over the W world ranks (plain DP),
-every gradient is: all-reduce SUM over the ranks holding a replica of the tensor, then divide by W.
+every gradient is: all-reduce SUM over the ranks holding a replica of the tensor, then divide by W (replicated
+experts: first SUM over the expert's slots in the EP group).
+
+Re-placement (`apply_placement`, used by `moe.rebalance_interval`): all-gather each expert tensor — the weights and
+the optimizer's per-parameter state of the same shape (AdamW's moments) — in slot order, pick each logical expert
+from one of its old slots, and copy the new placement's rows into the same parameter storage in place, so the
+optimizer (and DeepSpeed's references to the parameters) keep working and the next step is the one that would
+have run without the move. Cost per MoE layer: one all-gather of the full expert weights and of each moment.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from kernels.ep_gradients import (
+    _moe_blocks,
+    allreduce_gradients,
+    expert_grad_sq_sum,
+    expert_parameters,
+    new_expert_parallel_groups,
+    sync_replica_gradients,
+)
+from kernels.ep_tables import (
+    experts_per_rank,
+    identity_placement,
+    local_experts,
+    replica_tables,
+    slot_location,
+    validate_phy2log,
+    validate_placement,
+)
 from kernels.moe import moe_experts
 
 ProcessGroup = Optional[dist.ProcessGroup]  # None: the default (world) group, as in torch.distributed
-
-# ---- placement -----------------------------------------------------------------------------------------------------
-
-
-def experts_per_rank(num_experts: int, ep_size: int) -> int:
-    """L = E / P; EP needs every rank to hold the same number of expert slots."""
-    if ep_size < 1:
-        raise ValueError(f"expert parallelism: ep_size={ep_size} must be >= 1")
-    if num_experts % ep_size:
-        raise ValueError(
-            f"expert parallelism: moe_num_experts={num_experts} is not divisible by expert_parallel_size={ep_size}; "
-            "every EP rank must hold the same number of experts"
-        )
-    return num_experts // ep_size
-
-
-def identity_placement(num_experts: int) -> torch.Tensor:
-    """Expert e in slot e: rank r holds experts [r·L, (r+1)·L) in order."""
-    return torch.arange(num_experts, dtype=torch.long)
-
-
-def validate_placement(placement_E: torch.Tensor, num_experts: int, ep_size: int) -> torch.Tensor:
-    """Check `placement_E` is a permutation of 0..E-1 (each slot holds exactly one expert); return it as int64 CPU."""
-    experts_per_rank(num_experts, ep_size)
-    p = torch.as_tensor(placement_E).detach().to("cpu", torch.long)
-    if p.shape != (num_experts,) or not torch.equal(torch.sort(p).values, torch.arange(num_experts)):
-        raise ValueError(
-            f"expert parallelism: placement_E must be a permutation of 0..{num_experts - 1} (shape [{num_experts}]), "
-            f"got {p.tolist()}"
-        )
-    return p
-
-
-def slot_location(slot: Union[int, torch.Tensor], num_experts: int, ep_size: int):
-    """(EP rank, local index) of a slot (int or tensor of slots)."""
-    n_local = experts_per_rank(num_experts, ep_size)
-    if isinstance(slot, torch.Tensor):
-        return torch.div(slot, n_local, rounding_mode="floor"), slot % n_local
-    return slot // n_local, slot % n_local
-
-
-def local_experts(placement_E: torch.Tensor, ep_size: int, ep_rank: int) -> torch.Tensor:
-    """Global ids of the experts held by `ep_rank`, in local-slot order: the rows of its weight shards."""
-    n_local = experts_per_rank(placement_E.numel(), ep_size)
-    expert_of_slot_E = torch.argsort(placement_E)  # inverse permutation: slot → global expert
-    return expert_of_slot_E[ep_rank * n_local : (ep_rank + 1) * n_local]
-
 
 # ---- differentiable all-to-all -------------------------------------------------------------------------------------
 
@@ -127,23 +109,71 @@ def all_to_all(
 
 
 class ExpertParallel(nn.Module):
-    """Set as `MoEBlock.expert_parallel`: routes the block's (token, k) pairs to the ranks holding their experts."""
+    """Set as `MoEBlock.expert_parallel`: routes the block's (token, k) pairs to the ranks holding their experts.
 
-    def __init__(self, num_experts: int, group: ProcessGroup = None, placement_E: Optional[torch.Tensor] = None):
+    Give either `placement_E` (a permutation: the slot of each expert, no replicas) or `phy2log_S` (the logical
+    expert of each of S >= E slots; replicas allowed); neither means the identity placement.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        group: ProcessGroup = None,
+        placement_E: Optional[torch.Tensor] = None,
+        phy2log_S: Optional[torch.Tensor] = None,
+    ):
         super().__init__()
         self.group = group
         self.ep_size = dist.get_world_size(group)
         self.ep_rank = dist.get_rank(group)
         self.num_experts = num_experts
-        self.num_local = experts_per_rank(num_experts, self.ep_size)
-        if placement_E is None:
-            placement_E = identity_placement(num_experts)
-        placement_E = validate_placement(placement_E, num_experts, self.ep_size)
-        # Not persistent: checkpoints are saved gathered, in the published global layout (see gather_experts).
-        self.register_buffer("placement_E", placement_E, persistent=False)
+        if placement_E is not None and phy2log_S is not None:
+            raise ValueError("ExpertParallel: give placement_E or phy2log_S, not both")
+        if phy2log_S is None:
+            if placement_E is None:
+                placement_E = identity_placement(num_experts)
+            phy2log_S = torch.argsort(validate_placement(placement_E, num_experts, self.ep_size))
+        # Not persistent: checkpoints are saved gathered, in the published global layout (see gather_experts); the
+        # training loop keeps the tables in its own per-rank checkpoint file.
+        self.register_buffer("phy2log_S", torch.empty(0, dtype=torch.long), persistent=False)
+        self.register_buffer("log2phy_EX", torch.empty(0, 1, dtype=torch.long), persistent=False)
+        self.register_buffer("logcnt_E", torch.empty(0, dtype=torch.long), persistent=False)
+        self.set_tables(phy2log_S)
+
+    def set_tables(self, phy2log_S: torch.Tensor) -> None:
+        """Install a slot table (same slot count); moves no weights — see `apply_placement` for that."""
+        p = validate_phy2log(phy2log_S, self.num_experts, self.ep_size)
+        if self.phy2log_S.numel() and p.numel() != self.phy2log_S.numel():
+            raise ValueError(f"expert parallelism: {p.numel()} slots given, the shards hold {self.phy2log_S.numel()}")
+        log2phy_EX, logcnt_E = replica_tables(p, self.num_experts)
+        device = self.phy2log_S.device
+        self.phy2log_S, self.log2phy_EX, self.logcnt_E = p.to(device), log2phy_EX.to(device), logcnt_E.to(device)
+        self.num_slots = p.numel()
+        self.num_local = self.num_slots // self.ep_size
+        self.replicated = self.num_slots > self.num_experts
+
+    @property
+    def placement_E(self) -> torch.Tensor:
+        """Each expert's first slot (for a permutation: its only one)."""
+        return self.log2phy_EX[:, 0]
 
     def local_experts(self) -> torch.Tensor:
-        return local_experts(self.placement_E.cpu(), self.ep_size, self.ep_rank)
+        """Logical ids of this rank's slots, in local order: the rows of its weight shards."""
+        return self.phy2log_S[self.ep_rank * self.num_local : (self.ep_rank + 1) * self.num_local].cpu()
+
+    def _slots(self, topk_idx_TK: torch.Tensor) -> torch.Tensor:
+        """The physical slot of each (token, k) pair: the expert's slot, or one of its replicas in turn."""
+        device = topk_idx_TK.device
+        if not self.replicated:
+            return self.placement_E.to(device)[topk_idx_TK]
+        idx_N = topk_idx_TK.reshape(-1)
+        order_N = torch.argsort(idx_N, stable=True)
+        count_E = torch.bincount(idx_N, minlength=self.num_experts)
+        start_E = torch.cumsum(count_E, 0) - count_E
+        pos_N = torch.empty_like(idx_N)
+        pos_N[order_N] = torch.arange(idx_N.numel(), device=device) - start_E[idx_N[order_N]]
+        replica_N = (pos_N + self.ep_rank) % self.logcnt_E.to(device)[idx_N]
+        return self.log2phy_EX.to(device)[idx_N, replica_N].view_as(topk_idx_TK)
 
     def forward(
         self,
@@ -160,8 +190,7 @@ class ExpertParallel(nn.Module):
                 f"expert parallelism: expected {n_local} local experts per rank, got weight shards "
                 f"{tuple(w13_local_L2FD.shape)} / {tuple(w2_local_LDF.shape)} (were the experts sharded?)"
             )
-        placement_E = self.placement_E.to(topk_idx_TK.device)
-        slot_TK = placement_E[topk_idx_TK]
+        slot_TK = self._slots(topk_idx_TK)
         if p == 1:  # no communication: slots are the local ids
             return moe_experts(x_TD, slot_TK, topk_w_TK, w13_local_L2FD, w2_local_LDF, backend)
 
@@ -174,7 +203,7 @@ class ExpertParallel(nn.Module):
 
         # Counts per (destination rank, local expert): row r goes to rank r. What comes back, row s = from rank s,
         # tells the receiver both the split sizes and which local expert each received row is for.
-        send_counts_PL = torch.bincount(slot_N, minlength=self.num_experts).view(p, n_local)
+        send_counts_PL = torch.bincount(slot_N, minlength=self.num_slots).view(p, n_local)
         recv_counts_PL = torch.empty_like(send_counts_PL)
         dist.all_to_all_single(recv_counts_PL, send_counts_PL, group=self.group)
         send_splits, recv_splits = torch.stack((send_counts_PL.sum(1), recv_counts_PL.sum(1))).tolist()
@@ -196,29 +225,37 @@ class ExpertParallel(nn.Module):
         return torch.zeros_like(x_TD).index_add(0, token_N, y_send_ND * weight_N1)
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, ep_size={self.ep_size}, ep_rank={self.ep_rank}"
+        return (
+            f"num_experts={self.num_experts}, num_slots={self.num_slots}, ep_size={self.ep_size}, "
+            f"ep_rank={self.ep_rank}"
+        )
 
 
 # ---- sharding the model --------------------------------------------------------------------------------------------
 
 
-def _moe_blocks(model: nn.Module) -> list[nn.Module]:
-    from ernie_platform.models.moe import MoEBlock  # kernels/ does not import the model package at import time
-
-    return [m for m in model.modules() if isinstance(m, MoEBlock)]
+def _per_layer(tables: Any, n_layers: int, what: str) -> list[Optional[torch.Tensor]]:
+    """One table for every layer ([X] tensor or None), one row per layer ([L, X] tensor), or a sequence of them."""
+    if tables is None or (isinstance(tables, torch.Tensor) and tables.dim() == 1):
+        return [tables] * n_layers
+    rows = list(tables)
+    if len(rows) != n_layers:
+        raise ValueError(f"expert parallelism: {len(rows)} {what} rows for {n_layers} MoE layers")
+    return [torch.as_tensor(r) for r in rows]
 
 
 def shard_experts(
     model: nn.Module,
     ep_group: ProcessGroup = None,
-    placement_E: Optional[Union[torch.Tensor, Sequence[torch.Tensor]]] = None,
+    placement_E: Any = None,
+    phy2log: Any = None,
 ) -> nn.Module:
     """Keep only this rank's expert slots in every MoEBlock of `model` and set its `expert_parallel` hook.
 
-    `placement_E`: one [E] permutation for every MoE layer, a sequence of them (one per MoE layer, in module order),
-    or None for the identity. Every rank of `ep_group` must start from the same full weights (same seed or
-    checkpoint) and pass the same placement. The expert parameters are replaced by new nn.Parameters: build the
-    optimizer (or DeepSpeed engine) after this call.
+    `placement_E` (permutations, no replicas) or `phy2log` (slot tables [S], S >= E, replicas allowed): one for every
+    MoE layer, one row per layer ([L, ·] or a sequence, in module order), or None for the identity. Every rank of
+    `ep_group` must start from the same full weights (same seed or checkpoint) and pass the same tables. The expert
+    parameters are replaced by new nn.Parameters: build the optimizer (or DeepSpeed engine) after this call.
     """
     blocks = _moe_blocks(model)
     if not blocks:
@@ -229,16 +266,12 @@ def shard_experts(
         raise ValueError(
             f"shard_experts: moe.expert_parallel_size={cfg.expert_parallel_size} but the EP group has {ep_size} ranks"
         )
-    if placement_E is None or isinstance(placement_E, torch.Tensor):
-        placements = [placement_E] * len(blocks)
-    else:
-        placements = list(placement_E)
-        if len(placements) != len(blocks):
-            raise ValueError(f"shard_experts: {len(placements)} placements for {len(blocks)} MoE layers")
-    for block, placement in zip(blocks, placements):
+    placements = _per_layer(placement_E, len(blocks), "placement_E")
+    slot_tables = _per_layer(phy2log, len(blocks), "phy2log")
+    for block, placement, slots in zip(blocks, placements, slot_tables):
         if block.expert_parallel is not None:
             raise ValueError("shard_experts: the model's experts are already sharded (call gather_experts first)")
-        ep = ExpertParallel(block.num_experts, ep_group, placement).to(block.w13_E2FD.device)
+        ep = ExpertParallel(block.num_experts, ep_group, placement, slots).to(block.w13_E2FD.device)
         idx_L = ep.local_experts().to(block.w13_E2FD.device)
         with torch.no_grad():
             for name in ("w13_E2FD", "w2_EDF"):
@@ -248,12 +281,22 @@ def shard_experts(
     return model
 
 
-def _gather_global(local_L: torch.Tensor, ep: ExpertParallel) -> torch.Tensor:
-    """All-gather the [L, ...] shards of the EP group (slot order) and reorder to global expert order [E, ...]."""
+def placement_tables(model: nn.Module) -> list[torch.Tensor]:
+    """The current slot table phy2log [S] of every sharded MoE layer, in module order."""
+    return [b.expert_parallel.phy2log_S.cpu().clone() for b in _moe_blocks(model) if b.expert_parallel is not None]
+
+
+def _gather_slots(local_L: torch.Tensor, ep: ExpertParallel) -> torch.Tensor:
+    """All-gather the [L, ...] shards of the EP group: [S, ...] in slot order."""
     shards = [torch.empty_like(local_L) for _ in range(ep.ep_size)]
     dist.all_gather(shards, local_L.contiguous(), group=ep.group)
-    slots_E = torch.cat(shards)
-    return slots_E.index_select(0, ep.placement_E.to(slots_E.device))  # global e sits in slot placement_E[e]
+    return torch.cat(shards)
+
+
+def _gather_global(local_L: torch.Tensor, ep: ExpertParallel) -> torch.Tensor:
+    """All-gather the [L, ...] shards of the EP group and reorder to global expert order [E, ...]."""
+    slots_S = _gather_slots(local_L, ep)
+    return slots_S.index_select(0, ep.placement_E.to(slots_S.device))  # e's first slot (replicas are equal)
 
 
 def gather_experts(model: nn.Module, grads: bool = False) -> nn.Module:
@@ -275,98 +318,75 @@ def gather_experts(model: nn.Module, grads: bool = False) -> nn.Module:
     return model
 
 
-# ---- process groups and gradient reduction -------------------------------------------------------------------------
+# ---- re-placement --------------------------------------------------------------------------------------------------
 
 
-def new_expert_parallel_groups(ep_size: int) -> tuple[ProcessGroup, ProcessGroup]:
-    """(ep_group, expert_dp_group) for this rank, DeepSpeed's layout: EP groups of consecutive ranks (the all-to-all
-    stays inside a node when ep_size divides the node's GPU count); the expert-DP group of rank r is every rank with
-    the same EP rank, {r' : r' ≡ r mod ep_size}. expert_dp_group is None when ep_size == world size (every expert has
-    a single owner). Collective: every rank must call it, with the same ep_size."""
-    world, rank = dist.get_world_size(), dist.get_rank()
-    if world % ep_size:
-        raise ValueError(f"expert parallelism: world size {world} is not divisible by expert_parallel_size={ep_size}")
-    ep_group = dp_group = None
-    for g in range(world // ep_size):  # every rank creates every group, in the same order (torch requirement)
-        ranks = list(range(g * ep_size, (g + 1) * ep_size))
-        group = dist.new_group(ranks)
-        if rank in ranks:
-            ep_group = group
-    if world // ep_size > 1:
-        for j in range(ep_size):
-            ranks = list(range(j, world, ep_size))
-            group = dist.new_group(ranks)
-            if rank in ranks:
-                dp_group = group
-    return ep_group, dp_group
+def optimizer_state(optimizer: Any, param: torch.Tensor) -> dict[str, Any]:
+    """`optimizer.state[param]` of a torch optimizer, unwrapping DeepSpeed's / other wrappers' `.optimizer`."""
+    while optimizer is not None and not hasattr(optimizer, "state") and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    if optimizer is None:
+        return {}
+    return optimizer.state[param]
 
 
-def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The sharded expert weights (MoEBlocks with the EP hook set); everything else is replicated on every rank."""
-    return [p for b in _moe_blocks(model) if b.expert_parallel is not None for p in (b.w13_E2FD, b.w2_EDF)]
-
-
-def _allreduce_sum_(tensors: list[torch.Tensor], group: ProcessGroup) -> None:
-    by_dtype: dict[tuple, list[torch.Tensor]] = {}
-    for t in tensors:
-        by_dtype.setdefault((t.dtype, t.device), []).append(t)
-    for ts in by_dtype.values():  # one collective per dtype instead of one per tensor
-        flat = _flatten_dense_tensors(ts)
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-        for t, r in zip(ts, _unflatten_dense_tensors(flat, ts)):
-            t.copy_(r)
+def _moments(optimizer: Any, param: torch.Tensor) -> list[torch.Tensor]:
+    """The per-parameter optimizer state tensors shaped like `param` (AdamW: exp_avg, exp_avg_sq)."""
+    state = optimizer_state(optimizer, param)
+    return [v for v in state.values() if isinstance(v, torch.Tensor) and v.shape == param.shape]
 
 
 @torch.no_grad()
-def allreduce_gradients(
-    model: nn.Module, world_group: ProcessGroup = None, expert_dp_group: ProcessGroup = None
-) -> None:
-    """Make every gradient equal to that of plain data-parallel training (EP=1) on the union of the ranks' batches.
-
-    Objective: L = (1/W) Σ_r L_r, L_r the loss of rank r (mean over its local batch), W = world size.
-    - Replicated parameters: rank r's backward gives ∂L_r/∂θ, so SUM over the world group, ÷ W.
-    - Expert shards: the all-to-all backward already delivers to the owner of a slot the gradient of every loss in its
-      EP group, Σ_{r∈EP} ∂L_r/∂w; SUM over the expert-DP group (the other EP groups' owners of the same slot) gives
-      Σ_{all r} ∂L_r/∂w, ÷ W. (Equivalently: average over the expert-DP group, then ÷ ep_size.)
-    `expert_dp_group` None means no expert data parallelism (ep_size == world size); it is *not* the world group,
-    which would add up different experts' gradients. Parameters without a gradient count as zero.
-    """
-    world = dist.get_world_size(world_group)
-    experts = expert_parameters(model)
-    expert_ids = {id(p) for p in experts}
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        if p.grad is None:  # every rank must contribute the same tensors to the flat buffers
-            p.grad = torch.zeros_like(p)
-    dense = [p.grad for p in params if id(p) not in expert_ids]
-    sharded = [p.grad for p in params if id(p) in expert_ids]
-    if experts:
-        ep_size = next(b.expert_parallel.ep_size for b in _moe_blocks(model) if b.expert_parallel is not None)
-        dp_size = 1 if expert_dp_group is None else dist.get_world_size(expert_dp_group)
-        if ep_size * dp_size != world:
-            raise ValueError(
-                f"allreduce_gradients: ep_size={ep_size} × expert-DP size={dp_size} != world size {world}; pass the "
-                "expert_dp_group from new_expert_parallel_groups"
-            )
-    if world > 1:
-        _allreduce_sum_(dense, world_group)
-    if sharded and expert_dp_group is not None and dist.get_world_size(expert_dp_group) > 1:
-        _allreduce_sum_(sharded, expert_dp_group)
-    for g in dense + sharded:
-        g.div_(world)
+def apply_placement(model: nn.Module, phy2log: Any, optimizer: Any = None) -> int:
+    """Move every sharded MoE layer to new slot tables (collective over each EP group; every rank passes the same
+    tables, one row per MoE layer, the same slot count as now). The weights, their gradients if present and the
+    optimizer's same-shaped state follow their expert; parameters are updated in place. Returns how many
+    (layer, slot) entries changed expert on this EP group — the migration."""
+    blocks = [b for b in _moe_blocks(model) if b.expert_parallel is not None]
+    rows = _per_layer(phy2log, len(blocks), "phy2log")
+    moved = 0
+    for block, row in zip(blocks, rows):
+        ep = block.expert_parallel
+        new_S = validate_phy2log(row, ep.num_experts, ep.ep_size)
+        if new_S.numel() != ep.num_slots:
+            raise ValueError(f"apply_placement: {new_S.numel()} slots given, the layer has {ep.num_slots}")
+        old_S = ep.phy2log_S.cpu()
+        moved += int((new_S != old_S).sum())
+        if torch.equal(new_S, old_S):
+            continue
+        first_slot_E = ep.placement_E.cpu()  # where to read each expert from (replicas hold the same values)
+        lo = ep.ep_rank * ep.num_local
+        new_local_L = new_S[lo : lo + ep.num_local]
+        for name in ("w13_E2FD", "w2_EDF"):
+            param = getattr(block, name)
+            tensors = [param] + _moments(optimizer, param)
+            if param.grad is not None:
+                tensors.append(param.grad)
+            for t in tensors:
+                src_S = _gather_slots(t, ep)
+                t.copy_(src_S.index_select(0, first_slot_E.to(src_S.device)).index_select(0, new_local_L.to(t.device)))
+        ep.set_tables(new_S)
+    return moved
 
 
 __all__ = [
     "ExpertParallel",
     "all_to_all",
     "allreduce_gradients",
+    "apply_placement",
+    "expert_grad_sq_sum",
     "expert_parameters",
     "experts_per_rank",
     "gather_experts",
     "identity_placement",
     "local_experts",
     "new_expert_parallel_groups",
+    "optimizer_state",
+    "placement_tables",
+    "replica_tables",
     "shard_experts",
     "slot_location",
+    "sync_replica_gradients",
+    "validate_phy2log",
     "validate_placement",
 ]

@@ -174,6 +174,16 @@ def test_mm_stage_phases_and_model_override() -> None:
         (["+stage=mm", "stage.lr_scale.vision=-1"], "stage.lr_scale.vision=-1"),
         (["moe.expert_parallel_size=2"], "zero_stage=0"),
         (["moe.expert_parallel_size=3", "trainer.zero_stage=0"], "divisor of trainer.num_workers=2"),
+        (["moe.rebalance_interval=5"], "moe.rebalance_interval=5 is not valid (expected 0 unless"),
+        (["moe.num_redundant_experts=-1"], "moe.num_redundant_experts=-1"),
+        (
+            ["moe.expert_parallel_size=2", "trainer.zero_stage=0", "moe.num_redundant_experts=3"],
+            "divisible by moe.expert_parallel_size=2",
+        ),
+        (
+            ["moe.expert_parallel_size=2", "trainer.zero_stage=0", "moe.placement_policy=roundrobin"],
+            "moe.placement_policy='roundrobin' is not valid (expected hierarchical | global | traffic_aware)",
+        ),
     ],
 )
 def test_validate_rejects_bad_values(overrides: list[str], message: str) -> None:

@@ -4,7 +4,8 @@ Runs (tiny models, a few steps each; ~3 minutes in all on 2 cores):
 * reference: `+stage=text`, 6 steps — MLflow metrics read back, loss falling, export loadable by transformers;
 * the same job killed mid-run (SIGKILL of rank 1 at step 3, checkpoint every 2 steps) and then re-run with a larger
   `trainer.max_steps`: one MLflow run, and every step's loss and the final weights identical to the reference;
-* expert parallelism (2 ranks × 4 of the 8 experts) against the reference's export;
+* expert parallelism (2 ranks × 5 slots: 8 experts + 2 replicas, re-placed every 2 steps, a rank killed and
+  resumed) against the reference's loss curve and export;
 * `long` from the text export, then `mm` from the long export through the real CLI (grown into the VL model);
 * bad data from jsonl files through Ray Data (skipped and counted / failing with file and line) and bad overrides.
 """
@@ -132,17 +133,37 @@ def test_killed_worker_resumes_and_rerun_continues(reference: dict, storage: Pat
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
 
 
-def test_expert_parallel_matches_data_parallel(reference: dict, storage: Path) -> None:
+def test_expert_parallel_with_rebalancing_and_resume_matches_data_parallel(reference: dict, storage: Path) -> None:
+    """EP=2 with 2 replica slots, experts re-placed every 2 steps and rank 1 killed at step 5 (resumed from the
+    latest registered checkpoint, written after a re-plan): the same loss curve and weights as the reference's
+    plain data parallelism, so neither moving experts nor restoring per-rank shards changes training."""
     ep = run_pretraining(
         compose_config(
             *TEXT,
             "trainer.max_steps=6",
             "moe.expert_parallel_size=2",
+            "moe.num_redundant_experts=2",
+            "moe.rebalance_interval=2",
             "trainer.zero_stage=0",
+            "trainer.fail_at_step=5",
+            "trainer.fail_rank=1",
             f"run.storage_path={storage}",
             "run.name=ep2",
         )
     )
+    history = metric_history(
+        reference["tracking_uri"], ep["run_id"], ["lm_loss", "balance/slots_moved", "balance/device_imbalance_after"]
+    )
+    # Two re-plans, logged at their steps (a step replayed after the resume logs again).
+    assert sorted({s for s, _ in history["balance/slots_moved"]}) == [2, 4]
+    assert all(v > 0 for _, v in history["balance/slots_moved"])  # the plans really moved experts
+    ref = dict(metric_history(reference["tracking_uri"], reference["run_id"], ["lm_loss"])["lm_loss"])
+    ours = history["lm_loss"]
+    assert sorted({s for s, _ in ours}) == [1, 2, 3, 4, 5, 6]
+    for step, value in ours:
+        assert value == pytest.approx(ref[step], abs=1e-4), (step, value, ref[step])
+    ckpt = Path(ep["checkpoint"])
+    assert (ckpt / "experts_rank0.pt").is_file() and (ckpt / "experts_rank1.pt").is_file()
     a, b = _weights(reference["export"]), _weights(ep["export"])  # the export gathers the experts back
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)

@@ -298,7 +298,7 @@ def test_bad_input_matrix_then_a_good_request(urls: dict) -> None:
     st, body = _post(f"{url}/v1/nope", {})
     _assert_error(st, body, 404, None)
     msg = _post(f"{url}/v1/chat/completions", BAD_CHAT[4][0])[1]["error"]["message"]
-    assert "VL" in msg and "text-only" in msg
+    assert "vision-language" in msg and "text-only" in msg
     r = _client(urls, "pd").completions.create(model=MODEL, prompt=LONG, **GREEDY)  # still serving
     assert len(r.choices[0].token_ids) == 8
 
@@ -331,6 +331,44 @@ def test_metrics_text(urls: dict) -> None:
     assert value('ernie_prefill_route_total{route="local"}') > 0
     assert value('ernie_requests_total{endpoint="completions",status="400"}') > 0
     assert value("ernie_time_to_first_token_seconds_count") > 0
+
+
+def test_engine_deployments_route_by_load(urls: dict) -> None:
+    """serve.router=load (the default): every engine deployment runs our request router, its replicas report their
+    load, a handle's router receives the reports and counts the requests it has in flight (docs/balance.md)."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    from ernie_platform.balance import ReplicaLoad
+    from ernie_platform.inference import SamplingParams
+
+    apps = _get_global_client().get_serve_details()["applications"]
+    for app, dep, cls in (("pd", "Prefill", "PrefillLoadRouter"), ("pd", "Decode", "DecodeLoadRouter"),
+                          ("colo", "Engine", "DecodeLoadRouter")):  # fmt: skip
+        rc = apps[app]["deployments"][dep]["deployment_config"]["request_router_config"]
+        assert rc["request_router_class"] == f"ernie_platform.serving.router.{cls}", rc
+        assert rc["request_routing_stats_period_s"] == 1.0
+    h = serve.get_deployment_handle("Decode", app_name="pd")
+    actor = ray.get_actor(h.actor_name.remote().result(timeout_s=TIMEOUT), namespace="serve")
+    report = ray.get(actor.record_routing_stats.remote(), timeout=TIMEOUT)  # what Serve's controller polls
+    assert ReplicaLoad.from_stats(report) is not None and report["max_seqs"] == 16, report
+    router = h._router._asyncio_router.request_router  # Serve internals: the handle's request router
+    assert type(router).__name__ == "DecodeLoadRouter" and router.role == "decode"
+    (replica,) = router.curr_replicas.values()
+    deadline = time.time() + 30
+    while ReplicaLoad.from_stats(replica.routing_stats) is None:  # forwarded by the controller within a period
+        assert time.time() < deadline, "no routing stats reached the router"
+        time.sleep(0.2)
+    stream = h.options(stream=True).generate.remote("route-1", [16] * 12, SamplingParams(max_tokens=40,
+                                                    temperature=0, ignore_eos=True, n=2), False)  # fmt: skip
+    next(iter(stream))
+    inflight = router.policy.tracker.pending(replica.replica_id)
+    assert (inflight.requests, inflight.seqs, inflight.kv_tokens) == (1, 2, 2 * (12 + 40))
+    assert sum(len(toks) for toks in stream) > 0
+    deadline = time.time() + 10
+    while router.policy.tracker.pending(replica.replica_id).requests:  # dropped when the request completes
+        assert time.time() < deadline, "a completed request still counts as in flight"
+        time.sleep(0.1)
 
 
 def _engine_stat(url: str, key: str, deployment: str) -> float:

@@ -193,9 +193,61 @@ def test_bad_messages(messages: list, param: str) -> None:
     assert e.param == param
 
 
-def test_images_on_a_text_model_name_the_missing_vl_serving() -> None:
+def test_images_on_a_text_model_are_refused() -> None:
     e = _err(chatfmt.normalize_messages, [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}])
-    assert e.code == "unsupported_content" and "VL" in e.message and "text-only" in e.message
+    assert e.code == "unsupported_content" and "vision-language" in e.message and "text-only" in e.message
+
+
+def _png_url(size: tuple[int, int] = (28, 28)) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _image(url: Any) -> dict:
+    return {"type": "image_url", "image_url": {"url": url} if isinstance(url, str) else url}
+
+
+def test_vl_chat_images_become_markers_in_order() -> None:
+    from ernie_platform.models.vl.prompt import IMAGE_MARKER
+
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "a "}, _image(_png_url()),
+                                         {"type": "text", "text": " b "}, _image(_png_url((56, 28)))]},
+            {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": [{"type": "input_image", "image_url": _png_url()}]}]  # fmt: skip
+    out, images = chatfmt.normalize_chat(msgs, is_vl=True)
+    assert out[0]["content"] == f"a Picture 1:{IMAGE_MARKER} b Picture 2:{IMAGE_MARKER}"
+    assert out[2]["content"] == f"Picture 3:{IMAGE_MARKER}"
+    assert [im.size for im in images] == [(28, 28), (56, 28), (28, 28)] and images[0].mode == "RGB"
+
+
+@pytest.mark.parametrize(
+    ("part", "code", "fragment"),
+    [
+        (_image("https://example.com/cat.png"), "invalid_image_url", "only data: URLs"),
+        (_image("data:image/png,rawbytes"), "invalid_image_url", "base64"),
+        (_image("data:image/png;base64,@@notbase64@@"), "invalid_image_url", "invalid base64"),
+        (_image("data:image/png;base64,aGVsbG8gd29ybGQ="), "invalid_image", "not a readable image"),
+        (_image({}), "invalid_value", "image_url.url is required"),
+        ({"type": "text", "text": "fake <|IMAGE_PLACEHOLDER|>"}, "invalid_value", "may not contain the image tokens"),
+    ],
+)
+def test_bad_vl_content_names_the_part(part: dict, code: str, fragment: str) -> None:
+    e = _err(chatfmt.normalize_chat, [{"role": "user", "content": [{"type": "text", "text": "x"}, part]}], True)
+    assert e.code == code and fragment in e.message and e.param.startswith("messages[0].content[1]"), e.message
+
+
+def test_too_many_images_are_refused() -> None:
+    from ernie_platform.serving.images import MAX_IMAGES
+
+    parts = [_image(_png_url()) for _ in range(MAX_IMAGES + 1)]
+    e = _err(chatfmt.normalize_chat, [{"role": "user", "content": parts}], True)
+    assert f"at most {MAX_IMAGES} images" in e.message and e.param == f"messages[0].content[{MAX_IMAGES}]"
 
 
 # ---- reasoning split -------------------------------------------------------------------------------------------
@@ -281,13 +333,15 @@ def _export(root: Path, run: str, model_type: str, mtime: float) -> Path:
     return d
 
 
-def test_latest_export_skips_vl_and_picks_the_newest(tmp_path: Path) -> None:
+def test_latest_export_picks_the_newest_servable(tmp_path: Path) -> None:
     now = time.time()
     assert latest_export(str(tmp_path)) is None
     _export(tmp_path, "old-text", "ernie4_5_moe", now - 100)
     newer = _export(tmp_path, "new-text", "ernie4_5_moe", now - 10)
-    _export(tmp_path, "newest-mm", "ernie4_5_vl_moe", now)
+    _export(tmp_path, "newest-other", "llama", now)
     assert latest_export(str(tmp_path)) == newer
+    newest_mm = _export(tmp_path, "newest-mm", "ernie4_5_vl_moe", now + 10)
+    assert latest_export(str(tmp_path)) == newest_mm  # VL exports are served too
     assert latest_export("s3://bucket/runs") is None
     assert model_name_for(str(newer)) == "new-text"
     assert model_name_for("/ckpt/ERNIE-4.5-0.3B-PT") == "ERNIE-4.5-0.3B-PT" and model_name_for(None) == "ernie45-demo"
@@ -356,9 +410,9 @@ def test_prefill_replica_batches_concurrent_prompts_like_one_by_one(tmp_path: Pa
     sizes: list[int] = []
     batched = server.engine.prefill_batch
 
-    def recording(ps: list, sps: list) -> list:
+    def recording(ps: list, sps: list, mms: Any = None) -> list:
         sizes.append(len(ps))
-        return batched(ps, sps)
+        return batched(ps, sps, mms)
 
     server.engine.prefill_batch = recording
 

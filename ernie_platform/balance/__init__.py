@@ -42,3 +42,24 @@ __all__ = [
     "tables_from_phy2log",
     "zipf_loads",
 ]
+from ernie_platform.balance.routing import (  # noqa: E402 - request routing by load (serving), appended
+    LoadRouterPolicy,
+    LocalLoadTracker,
+    PendingLoad,
+    ReplicaLoad,
+    decode_score,
+    power_of_two_choices,
+    prefill_score,
+    request_cost,
+)
+
+__all__ += [
+    "LoadRouterPolicy",
+    "LocalLoadTracker",
+    "PendingLoad",
+    "ReplicaLoad",
+    "decode_score",
+    "power_of_two_choices",
+    "prefill_score",
+    "request_cost",
+]

@@ -228,6 +228,11 @@ class ServeConfig:
     # RAY_SERVE_PROXY_USE_GRPC when this process starts Ray); false: Ray's object-store path everywhere.
     grpc_transport: bool = True
     graceful_shutdown_timeout_s: float = 5.0
+    # Request routing over engine replicas (docs/balance.md, "Request routing"): load = power of two choices by
+    # load (prefill: queued prompt tokens; decode/colocated: running + waiting sequences and KV usage) from the
+    # replicas' reports every routing_stats_period_s; pow2 = Ray Serve's default (ongoing requests per replica).
+    router: str = "load"
+    routing_stats_period_s: float = 1.0
     engine: ServeEngineConfig = field(default_factory=ServeEngineConfig)
     ingress: ServeDeploymentConfig = field(
         default_factory=lambda: ServeDeploymentConfig(
@@ -456,3 +461,22 @@ def _check_choices(cfg: DictConfig) -> None:
                 f"config: moe.expert_parallel_size={ep} needs trainer.zero_stage=0 (got {t.zero_stage}): expert "
                 "shards are reduced by kernels.expert_parallel.allreduce_gradients, not by ZeRO's partitioned buffers"
             )
+    moe = cfg.moe
+    if moe.num_redundant_experts < 0:
+        raise bad("moe.num_redundant_experts", moe.num_redundant_experts, "an integer >= 0")
+    if moe.rebalance_interval < 0:
+        raise bad("moe.rebalance_interval", moe.rebalance_interval, "an integer >= 0 (0: never)")
+    from ernie_platform.balance import POLICIES
+
+    if moe.placement_policy not in POLICIES:
+        raise bad("moe.placement_policy", moe.placement_policy, " | ".join(POLICIES))
+    if (moe.num_redundant_experts or moe.rebalance_interval) and ep == 1:
+        key = "moe.num_redundant_experts" if moe.num_redundant_experts else "moe.rebalance_interval"
+        raise bad(key, moe[key.split(".")[1]], "0 unless moe.expert_parallel_size > 1 (placement is an EP setting)")
+    slots = int(cfg.model.get("moe_num_experts") or 0) + moe.num_redundant_experts
+    if ep > 1 and slots % ep:
+        raise bad(
+            "moe.num_redundant_experts",
+            moe.num_redundant_experts,
+            f"a value making moe_num_experts + it ({slots}) divisible by moe.expert_parallel_size={ep}",
+        )

@@ -1,10 +1,10 @@
-"""Inference engine for ERNIE 4.5 text models: continuous batching over a KV slot pool with a token budget,
+"""Inference engine for ERNIE 4.5 text and VL models: continuous batching over a KV slot pool with a token budget,
 sampling, incremental detokenization and prefill/decode disaggregation (see docs/inference.md)."""
 
 from ernie_platform.inference.async_engine import AsyncEngine
 from ernie_platform.inference.detokenize import IncrementalDetokenizer
 from ernie_platform.inference.engine import Engine
-from ernie_platform.inference.outputs import Completion, PrefillResult, TokenEvent, TokenLogprob
+from ernie_platform.inference.outputs import Completion, MMInputs, PrefillResult, TokenEvent, TokenLogprob
 from ernie_platform.inference.sampling import SamplingParams
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "Completion",
     "Engine",
     "IncrementalDetokenizer",
+    "MMInputs",
     "PrefillResult",
     "SamplingParams",
     "TokenEvent",

@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from typing import AsyncIterator, Union
+from typing import AsyncIterator, Optional, Union
 
 from ernie_platform.inference.engine import Engine
-from ernie_platform.inference.outputs import PrefillResult, TokenEvent
+from ernie_platform.inference.outputs import MMInputs, PrefillResult, TokenEvent
 from ernie_platform.inference.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,11 @@ class AsyncEngine:
                 self._deliver(rid, evs)
 
     async def generate(
-        self, request_id: str, prompt: Union[list[int], PrefillResult], params: SamplingParams
+        self,
+        request_id: str,
+        prompt: Union[list[int], PrefillResult],
+        params: SamplingParams,
+        mm: Optional[MMInputs] = None,
     ) -> AsyncIterator[TokenEvent]:
         """Stream the request's events until all its n choices finished; closing/cancelling the consumer aborts it.
         With a PrefillResult the stream starts with its first token(s) again."""
@@ -67,7 +71,7 @@ class AsyncEngine:
         self._queues[request_id] = (asyncio.get_running_loop(), q)
         done = False
         try:
-            self.engine.add_request(request_id, prompt, params)
+            self.engine.add_request(request_id, prompt, params, mm)
             self._ensure_thread()
             self._wake.set()
             remaining = params.n
@@ -85,8 +89,10 @@ class AsyncEngine:
             if not done:
                 self.engine.abort(request_id)
 
-    async def prefill(self, prompt_ids: list[int], params: SamplingParams) -> PrefillResult:
-        return await asyncio.to_thread(self.engine.prefill, prompt_ids, params)
+    async def prefill(
+        self, prompt_ids: list[int], params: SamplingParams, mm: Optional[MMInputs] = None
+    ) -> PrefillResult:
+        return await asyncio.to_thread(self.engine.prefill, prompt_ids, params, mm)
 
     def stats(self) -> dict[str, float]:
         return self.engine.stats()

@@ -19,7 +19,7 @@ import torch
 
 from ernie_platform.inference.detokenize import REPLACEMENT, IncrementalDetokenizer
 from ernie_platform.inference.kv import KVPool, check_kv, kv_to_cpu
-from ernie_platform.inference.outputs import Completion, PrefillResult, TokenEvent, TokenLogprob
+from ernie_platform.inference.outputs import Completion, MMInputs, PrefillResult, TokenEvent, TokenLogprob
 from ernie_platform.inference.sampling import Sample, Sampler, SamplingParams, sample_rows
 from ernie_platform.models.cache import KVCache
 
@@ -44,6 +44,8 @@ class _Request:
     params: SamplingParams
     imported: Optional[PrefillResult] = None
     seqs: list[_Seq] = field(default_factory=list)
+    mm: Optional[MMInputs] = None  # images of a VL prompt
+    rope_delta: int = 0  # position offset after the prompt (VL prompts with images)
 
     @property
     def need_tokens(self) -> int:  # KV tokens reserved per choice
@@ -80,9 +82,15 @@ class Engine:
         budget = max_batch_size * max_seq_len if kv_budget_tokens is None else kv_budget_tokens
         if budget < 2:
             raise ValueError(f"kv_budget_tokens={kv_budget_tokens} must be >= 2")
+        from ernie_platform.models.vl.model import ErnieVLForConditionalGeneration
+
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
+        # A VL model serves text prompts like a text model, and prompts with images (`MMInputs`) one by one.
+        self.is_vl = isinstance(model, ErnieVLForConditionalGeneration)
+        # Per KV row: position offset of the tokens after its prompt (VL prompts with images; 0 otherwise).
+        self._row_delta = torch.zeros(max_batch_size, dtype=torch.long)
         self.vocab_size = int(model.args.vocab_size)
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.pool = KVPool(model, max_batch_size, max_seq_len, budget)
@@ -111,11 +119,20 @@ class Engine:
         return cls(model, tokenizer, **kw)
 
     # ---- requests ------------------------------------------------------------------------------------------------
-    def _check(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> list[int]:
+    def _check(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, mm: Optional[MMInputs] = None
+    ) -> list[int]:
         params.validate()
         ids = list(prompt_ids)
         if not ids:
             raise ValueError(f"request {request_id}: empty prompt")
+        if mm is not None:
+            if not self.is_vl:
+                raise ValueError(f"request {request_id}: image inputs, but the served model is a text-only model")
+            for name in ("mm_token_type_ids", "moe_mm_token_type_ids"):
+                got = len(getattr(mm, name))
+                if got != len(ids):
+                    raise ValueError(f"request {request_id}: {name} has {got} entries for {len(ids)} prompt tokens")
         bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"request {request_id}: prompt token ids {bad[:5]} outside [0, {self.vocab_size})")
@@ -143,10 +160,21 @@ class Engine:
         for s in req.seqs:
             s.logprobs = [] if p.logprobs is not None else None
 
-    def add_request(self, request_id: str, prompt: Union[list[int], PrefillResult], params: SamplingParams) -> None:
-        """Queue a request (FIFO). ValueError if it can never fit (max_seq_len, budget, n) or the id is in use."""
+    def add_request(
+        self,
+        request_id: str,
+        prompt: Union[list[int], PrefillResult],
+        params: SamplingParams,
+        mm: Optional[MMInputs] = None,
+    ) -> None:
+        """Queue a request (FIFO). ValueError if it can never fit (max_seq_len, budget, n) or the id is in use.
+        `mm`: the images of a VL prompt (a `PrefillResult` carries what its prompt's images left: the KV and the
+        position offset)."""
         req = _Request(request_id, [], params)
         if isinstance(prompt, PrefillResult):
+            if mm is not None:
+                raise ValueError(f"request {request_id}: images go to the prefill, not with its PrefillResult")
+            req.rope_delta = int(prompt.rope_delta)
             req.prompt_ids = self._check(request_id, prompt.prompt_ids, params)
             if len(prompt.sampler_state) != params.n:
                 raise ValueError(f"request {request_id}: n={params.n} but the PrefillResult has "
@@ -155,7 +183,8 @@ class Engine:
             req.imported = prompt
             req.seqs = [self._import_seq(req, i, st) for i, st in enumerate(prompt.sampler_state)]
         else:
-            req.prompt_ids = self._check(request_id, prompt, params)
+            req.prompt_ids = self._check(request_id, prompt, params, mm)
+            req.mm = mm
             self._new_seqs(req)
         with self._lock:
             if request_id in self._running or any(r.id == request_id for r in self._waiting):
@@ -187,6 +216,11 @@ class Engine:
             used, budget = self.pool.used_tokens, self.pool.budget_tokens
             return {
                 "waiting": float(len(self._waiting)),
+                # queued requests, for load-aware routing (docs/balance.md): their sequences, the prompt tokens
+                # still to prefill here (imported KV needs none) and the KV they will reserve when admitted
+                "waiting_seqs": float(sum(r.params.n for r in self._waiting)),
+                "waiting_prompt_tokens": float(sum(len(r.prompt_ids) for r in self._waiting if r.imported is None)),
+                "waiting_kv_tokens": float(sum(r.params.n * r.need_tokens for r in self._waiting)),
                 "running": float(len(self._running)),
                 "running_seqs": float(sum(1 for r in self._running.values() for s in r.seqs if not s.finish_reason)),
                 "kv_used_tokens": float(used),  # reserved: prompt + max_tokens per running sequence
@@ -216,32 +250,77 @@ class Engine:
             logits = self.model(last, cache=cache, logits_to_keep=1).logits[:, 0]
         return logits, cache
 
-    def prefill(self, prompt_ids: list[int], params: SamplingParams) -> PrefillResult:
+    @torch.no_grad()
+    def _prefill_mm(self, prompt: list[int], mm: MMInputs) -> tuple[torch.Tensor, KVCache, int]:
+        """Prefill of one prompt with images in one forward: logits [1, V], its cache, its position offset."""
+        cache = KVCache.for_model(self.model, 1, len(prompt))
+        ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
+        with self._model_lock:
+            out = self.model(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                mm_token_type_ids=torch.tensor([mm.mm_token_type_ids], dtype=torch.long, device=self.device),
+                moe_mm_token_type_ids=torch.tensor([mm.moe_mm_token_type_ids], dtype=torch.long, device=self.device),
+                pixel_values=mm.pixel_values.to(self.device, next(self.model.parameters()).dtype),
+                image_grid_thw=mm.image_grid_thw.to(self.device),
+                cache=cache,
+                logits_to_keep=1,
+            )
+        delta = getattr(cache, "rope_deltas_B", None)
+        return out.logits[:, 0], cache, 0 if delta is None else int(delta[0])
+
+    def _prefill_requests(self, reqs: list[_Request]) -> tuple[torch.Tensor, list[list], list[int]]:
+        """Prefill `reqs`: text prompts batched, prompts with images one by one. Returns last-token logits [N, V], each
+        request's prompt KV (per layer (k [H, P, Dh], v [H, P, Dh]), views into the prefill caches) and position
+        offset."""
+        text = [i for i, r in enumerate(reqs) if r.mm is None]
+        logits: list[Optional[torch.Tensor]] = [None] * len(reqs)
+        kvs: list[list] = [[] for _ in reqs]
+        deltas = [0] * len(reqs)
+        if text:
+            out, cache = self._prefill_forward([reqs[i].prompt_ids for i in text])
+            for j, i in enumerate(text):
+                n = len(reqs[i].prompt_ids)
+                logits[i] = out[j]
+                kvs[i] = [(k[j, :, :n], v[j, :, :n]) for k, v in zip(cache.k_LBHSD, cache.v_LBHSD)]
+        for i, req in enumerate(reqs):
+            if req.mm is not None:
+                out, cache, deltas[i] = self._prefill_mm(req.prompt_ids, req.mm)
+                logits[i] = out[0]
+                kvs[i] = [(k[0], v[0]) for k, v in zip(cache.k_LBHSD, cache.v_LBHSD)]
+        return torch.stack(logits), kvs, deltas
+
+    def prefill(self, prompt_ids: list[int], params: SamplingParams, mm: Optional[MMInputs] = None) -> PrefillResult:
         """Prompt KV + first token(s) for disaggregated serving; continue with `add_request(id, result, params)` on a
         decode engine (same model). Thread-safe."""
-        return self.prefill_batch([prompt_ids], [params])[0]
+        return self.prefill_batch([prompt_ids], [params], [mm])[0]
 
-    def prefill_batch(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[PrefillResult]:
+    def prefill_batch(
+        self,
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        mms: Optional[list[Optional[MMInputs]]] = None,
+    ) -> list[PrefillResult]:
         """`prefill` of several prompts in one batched forward (as admission does); ValueError if any is invalid."""
         reqs = []
-        for prompt_ids, p in zip(prompts, params, strict=True):
-            req = _Request("prefill", [], p)
-            req.prompt_ids = self._check("prefill", prompt_ids, p)
+        for prompt_ids, p, mm in zip(prompts, params, mms or [None] * len(prompts), strict=True):
+            req = _Request("prefill", [], p, mm=mm)
+            req.prompt_ids = self._check("prefill", prompt_ids, p, mm)
             self._new_seqs(req)
             reqs.append(req)
-        logits, cache = self._prefill_forward([r.prompt_ids for r in reqs])
+        logits, kvs, deltas = self._prefill_requests(reqs)
         rows = [i for i, r in enumerate(reqs) for _ in r.seqs]
         events = iter(self._sample_and_advance([s for r in reqs for s in r.seqs], logits[rows]))
         out = []
         for i, req in enumerate(reqs):
-            kv = kv_to_cpu(cache.read_row(i, len(req.prompt_ids)))
+            kv = kv_to_cpu(kvs[i])
             evs = [next(events) for _ in req.seqs]
             states = [
                 {"rng": s.sampler.state()["rng"], "detok": s.detok.state(), "first": ev,
                  "output_ids": list(s.output_ids), "logprobs": None if s.logprobs is None else list(s.logprobs)}
                 for s, ev in zip(req.seqs, evs)
             ]  # fmt: skip
-            out.append(PrefillResult(list(req.prompt_ids), evs[0], kv, states, req.params))
+            out.append(PrefillResult(list(req.prompt_ids), evs[0], kv, states, req.params, deltas[i]))
         with self._lock:
             self._counters["prefills_local"] += len(reqs)
         return out
@@ -278,13 +357,13 @@ class Engine:
     def _admit(self, admitted: list[_Request], events: dict[str, list[TokenEvent]]) -> None:
         local = [r for r in admitted if r.imported is None]
         if local:
-            logits, cache = self._prefill_forward([r.prompt_ids for r in local])
+            logits, kvs, deltas = self._prefill_requests(local)
             seqs, rows = [], []
             for i, req in enumerate(local):
-                kv = [(k[i, :, : len(req.prompt_ids)], v[i, :, : len(req.prompt_ids)])
-                      for k, v in zip(cache.k_LBHSD, cache.v_LBHSD)]  # fmt: skip
+                req.rope_delta, req.mm = deltas[i], None  # the images are in the KV now
                 for s in req.seqs:
-                    self.pool.write(s.row, kv)
+                    self.pool.write(s.row, kvs[i])
+                    self._row_delta[s.row] = req.rope_delta
                     seqs.append(s)
                     rows.append(i)
             for s, ev in zip(seqs, self._sample_and_advance(seqs, logits[rows])):
@@ -295,6 +374,7 @@ class Engine:
             if req.imported is not None:
                 for s in req.seqs:
                     self.pool.write(s.row, req.imported.kv)
+                    self._row_delta[s.row] = req.rope_delta
                     events[req.id].append(s.first)
                 req.imported = None  # drop the CPU copy of the KV
                 with self._lock:
@@ -303,6 +383,8 @@ class Engine:
     @torch.no_grad()
     def _decode(self, live: list[_Seq], events: dict[str, list[TokenEvent]]) -> None:
         view = self.pool.decode_view([s.row for s in live])
+        if self.is_vl:  # the VL model adds each row's offset to its cache length for the 3D positions
+            view.rope_deltas_B = self._row_delta[: view.batch_size].to(self.device)
         ids = torch.zeros(view.batch_size, 1, dtype=torch.long)
         mask = torch.zeros(view.batch_size, 1, dtype=torch.long)
         for s in live:

@@ -42,6 +42,21 @@ class Completion:
 
 
 @dataclass
+class MMInputs:
+    """The images of one VL prompt, ready for the model (CPU tensors: it travels through the object store). The
+    prompt's token ids already hold the expanded image placeholders (`models.vl.prompt.build_mm_inputs`)."""
+
+    pixel_values: torch.Tensor  # [patches, C·patch²] from ErnieImageProcessor
+    image_grid_thw: torch.Tensor  # [images, 3]
+    mm_token_type_ids: list[int]  # per prompt token: 1 on image placeholders (3D positions)
+    moe_mm_token_type_ids: list[int]  # per prompt token: 1 on image START/placeholders/END (vision experts)
+
+    @property
+    def num_images(self) -> int:
+        return int(self.image_grid_thw.shape[0])
+
+
+@dataclass
 class PrefillResult:
     """Output of `Engine.prefill`: plain CPU tensors and Python data, so it pickles (Ray object store)."""
 
@@ -50,6 +65,7 @@ class PrefillResult:
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (k [H, P, Dh], v [H, P, Dh]) of the P prompt tokens
     sampler_state: Any  # list (one per choice) of {"rng", "detok", "first", "output_ids", "logprobs"}
     params: SamplingParams
+    rope_delta: int = 0  # VL prompts with images: position offset of the tokens after the prompt (3D RoPE)
 
     @property
     def firsts(self) -> list[TokenEvent]:

@@ -250,3 +250,11 @@ class MoEConfig:
     bias_update_rate: float = 0.0
     # Experts of each MoE layer split across this many ranks (kernels.expert_parallel); 1 = every rank holds all.
     expert_parallel_size: int = 1
+    # Expert placement under expert parallelism (ernie_platform.balance, docs/balance.md): extra physical slots per
+    # MoE layer for replicas of hot experts (slots = experts + this, divisible by expert_parallel_size) ...
+    num_redundant_experts: int = 0
+    # ... re-planned every this many optimizer steps from the loads routed since the last plan (0: never; the
+    # placement then stays the identity, replicas of the first experts filling the extra slots) ...
+    rebalance_interval: int = 0
+    # ... by this ernie_platform.balance policy: hierarchical | global | traffic_aware.
+    placement_policy: str = "hierarchical"

@@ -29,12 +29,14 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 TEXT_MODEL_TYPES = ("ernie4_5", "ernie4_5_moe")
+VL_MODEL_TYPES = ("ernie4_5_vl_moe",)
+SERVABLE_MODEL_TYPES = TEXT_MODEL_TYPES + VL_MODEL_TYPES
 DEMO_MODEL_NAME = "ernie45-demo"
 API_KEY_ENV = "ERNIE_SERVE_API_KEY"
 
 
 def latest_export(storage_path: str) -> Optional[Path]:
-    """Newest `<storage_path>/*/export` with a text model's config.json (VL exports are skipped: no VL serving)."""
+    """Newest `<storage_path>/*/export` with a servable model's config.json (text or VL)."""
     if "://" in storage_path and not storage_path.startswith("file://"):
         return None
     root = Path(storage_path.removeprefix("file://")).expanduser()
@@ -44,10 +46,10 @@ def latest_export(storage_path: str) -> Optional[Path]:
             model_type = json.loads(cfg.read_text()).get("model_type")
         except (OSError, ValueError):
             continue
-        if model_type in TEXT_MODEL_TYPES:
+        if model_type in SERVABLE_MODEL_TYPES:
             found.append((cfg.stat().st_mtime, cfg.parent))
         else:
-            log.info("serve: skipping %s (model_type %s: VL serving is not implemented)", cfg.parent, model_type)
+            log.info("serve: skipping %s (model_type %s cannot be served)", cfg.parent, model_type)
     return max(found)[1] if found else None
 
 
@@ -60,23 +62,43 @@ def model_name_for(path: Optional[str]) -> str:
 
 
 def model_limits(path: Optional[str]) -> dict[str, Any]:
-    """vocab_size and max_position_embeddings of the model to serve; a VL checkpoint is refused."""
+    """vocab_size and max_position_embeddings of the model to serve; for a VL model also `vision`: what the ingress
+    needs to turn images into model inputs (patch and merge sizes, the checkpoint's image processor settings)."""
     from ernie_platform.inference.loading import demo_model_args
     from ernie_platform.models.config import ErnieModelArgs
 
     if path is None:
         args = demo_model_args()
-    else:
-        cfg_file = Path(path) / "config.json"
-        if not cfg_file.is_file():
-            raise FileNotFoundError(f"model.path={path}: no config.json (expected a transformers-layout checkpoint)")
-        d = json.loads(cfg_file.read_text())
-        if d.get("model_type") not in TEXT_MODEL_TYPES:
-            raise ValueError(
-                f"model.path={path}: model_type {d.get('model_type')!r} cannot be served (text models "
-                f"{TEXT_MODEL_TYPES} only; VL serving is not implemented)"
-            )
-        args = ErnieModelArgs.from_hf_dict(d, source=str(cfg_file))
+        return {"vocab_size": int(args.vocab_size), "max_position_embeddings": int(args.max_position_embeddings)}
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"model.path={path}: no config.json (expected a transformers-layout checkpoint)")
+    d = json.loads(cfg_file.read_text())
+    model_type = d.get("model_type")
+    if model_type in VL_MODEL_TYPES:
+        from ernie_platform.models.vl.model import ErnieVLConfig
+
+        vl = ErnieVLConfig.from_hf_dict(d)
+        proc = Path(path) / "preprocessor_config.json"
+        return {
+            "vocab_size": int(vl.text.vocab_size),
+            # not a field of the text model's arguments (M-RoPE has no table); the published configs give it
+            "max_position_embeddings": int(
+                (d.get("text_config") or {}).get("max_position_embeddings")
+                or d.get("max_position_embeddings")
+                or 131072
+            ),
+            "vision": {
+                "patch_size": int(vl.vision.patch_size),
+                "merge_size": int(vl.vision.spatial_merge_size),
+                "processor": json.loads(proc.read_text()) if proc.is_file() else None,
+            },
+        }
+    if model_type not in TEXT_MODEL_TYPES:
+        raise ValueError(
+            f"model.path={path}: model_type {model_type!r} cannot be served (one of {SERVABLE_MODEL_TYPES})"
+        )
+    args = ErnieModelArgs.from_hf_dict(d, source=str(cfg_file))
     return {"vocab_size": int(args.vocab_size), "max_position_embeddings": int(args.max_position_embeddings)}
 
 
@@ -103,6 +125,11 @@ def validate_serve(s: dict[str, Any]) -> None:
             raise bad(key, "must be >= 1")
     if int(s["retries"]) < 0:
         raise bad("retries", "must be >= 0")
+    if s.get("router", "load") not in ROUTERS:
+        raise bad("router", f"is not valid (expected {' or '.join(ROUTERS)})")
+    period = s.get("routing_stats_period_s", 1.0)
+    if isinstance(period, bool) or not isinstance(period, (int, float)) or not 0 < period <= 600:
+        raise bad("routing_stats_period_s", "must be a number of seconds in (0, 600]")
     if e["dtype"] not in (None, "float32", "bfloat16", "float16"):
         raise bad("engine.dtype", "is not valid (null, float32, bfloat16 or float16)")
     for name in ("ingress", "prefill", "decode", "colocated"):
@@ -114,6 +141,31 @@ def validate_serve(s: dict[str, Any]) -> None:
             raise bad(f"{name}.autoscaling_config", "needs 0 <= min_replicas <= max_replicas")
         if int(d["max_ongoing_requests"]) < 1:
             raise bad(f"{name}.max_ongoing_requests", "must be >= 1")
+
+
+ROUTERS = ("load", "pow2")
+ROUTER_CLASSES = {  # serve.router=load: the request router of each engine deployment, by replica role
+    "prefill": "ernie_platform.serving.router.PrefillLoadRouter",
+    "decode": "ernie_platform.serving.router.DecodeLoadRouter",
+    "colocated": "ernie_platform.serving.router.DecodeLoadRouter",
+}
+
+
+def request_router_settings(s: dict[str, Any], role: str) -> Optional[dict[str, Any]]:
+    """`RequestRouterConfig` fields of an engine deployment for `serve.router` (None: Serve's default router).
+
+    `load`: our load-aware router (ernie_platform.serving.router) reading the replicas' `record_routing_stats` every
+    `serve.routing_stats_period_s`; a report older than 3 periods + 2 s counts as missing (the router then goes by
+    its own requests in flight); the replica gets max(2 s, 5 periods) to answer a stats call."""
+    if s.get("router", "load") != "load":
+        return None
+    period = float(s.get("routing_stats_period_s", 1.0))
+    return {
+        "request_router_class": ROUTER_CLASSES[role],
+        "request_router_kwargs": {"role": role, "stale_after_s": 3 * period + 2.0},
+        "request_routing_stats_period_s": period,
+        "request_routing_stats_timeout_s": max(2.0, 5 * period),
+    }
 
 
 def _get(d: dict[str, Any], dotted: str) -> Any:
@@ -149,6 +201,7 @@ def resolve_serve_config(cfg: Union[DictConfig, dict[str, Any]]) -> dict[str, An
         "max_seq_len": max_seq_len,
         "kv_budget_tokens": int(budget),
         "vocab_size": limits["vocab_size"],
+        "vision": limits.get("vision"),
         "replicas": {
             "prefill": replicas["prefill"],
             "engine": replicas["decode"] if s["mode"] == "pd" else replicas["colocated"],
@@ -207,7 +260,8 @@ def build_application(cfg: Union[DictConfig, dict[str, Any]]) -> Any:
         "max_seq_len": r["max_seq_len"],
         "kv_budget_tokens": r["kv_budget_tokens"],
         "vocab_size": r["vocab_size"],
-        "is_vl": False,
+        "is_vl": r.get("vision") is not None,
+        "vision": r.get("vision"),
         "max_n": int(s["max_n"]),
         "default_max_tokens": int(s["default_max_tokens"]),
         "disagg_min_prompt_tokens": int(s["disagg_min_prompt_tokens"]),
@@ -216,15 +270,22 @@ def build_application(cfg: Union[DictConfig, dict[str, Any]]) -> Any:
         "replicas": r["replicas"],
     }
 
-    def dep(cls: Any, name: str, node: str) -> Any:
-        return serve.deployment(cls).options(**deployment_options(s[node], name, graceful))
+    def dep(cls: Any, name: str, node: str, role: Optional[str] = None) -> Any:
+        opts = deployment_options(s[node], name, graceful)
+        router = request_router_settings(s, role) if role else None
+        if router is not None:
+            from ray.serve.config import RequestRouterConfig
+
+            opts["request_router_config"] = RequestRouterConfig(**router)
+        return serve.deployment(cls).options(**opts)
 
     path = r["model_path"]
     if s["mode"] == "pd":
-        prefill = dep(EngineServer, "Prefill", "prefill").bind("prefill", path, engine_cfg)
-        engine = dep(EngineServer, "Decode", "decode").bind("decode", path, engine_cfg)
+        prefill = dep(EngineServer, "Prefill", "prefill", "prefill").bind("prefill", path, engine_cfg)
+        engine = dep(EngineServer, "Decode", "decode", "decode").bind("decode", path, engine_cfg)
     else:
-        prefill, engine = None, dep(EngineServer, "Engine", "colocated").bind("colocated", path, engine_cfg)
+        engine = dep(EngineServer, "Engine", "colocated", "colocated").bind("colocated", path, engine_cfg)
+        prefill = None
     return dep(Ingress, "Ingress", "ingress").bind(ingress_cfg, prefill, engine)
 
 

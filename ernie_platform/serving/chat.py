@@ -6,6 +6,9 @@ conversation format (`ernie_platform.models.tokenizer.CHAT_TEMPLATE`: `<|begin_o
 `enable_thinking` is passed to the template; a template that does not know the flag gets ERNIE's thinking opening
 `<think>\\n` appended after `Assistant: ` when thinking is on, so the model starts inside its reasoning.
 
+Images (VL models): `image_url` parts with `data:` URLs become `Picture k:` + the image marker in the message text
+(`serving.images`); the rendered prompt then goes through the image processor and `build_mm_inputs`.
+
 Output: with thinking on, the text before `</think>` is `reasoning_content` and the rest `content`.
 `ReasoningSplitter` works incrementally on the engine's (token id, text) events: `</think>` is a special token in
 ERNIE vocabularies (the detokenizer drops it from the text, so it is found by id), or plain text in other
@@ -18,15 +21,19 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from ernie_platform.models.tokenizer import CHAT_TEMPLATE as ERNIE_CHAT_TEMPLATE
+from ernie_platform.serving.images import IMAGE_PART_TYPES, MAX_IMAGES, check_text, image_from_part, image_marker
 from ernie_platform.serving.protocol import bad_request
 
 THINK_START, THINK_END = "<think>", "</think>"
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
-def _text_of(content: Any, i: int, is_vl: bool) -> str:
-    """A message's text: a string, or the text parts of a content list. Image parts need a VL model."""
+def _text_of(content: Any, i: int, is_vl: bool, images: list[Any]) -> str:
+    """A message's text: a string, or the text parts of a content list. Image parts need a VL model: each is decoded
+    into `images` and stands in the text as `Picture k:` + the image marker (`serving.images`)."""
     if isinstance(content, str):
+        if is_vl:
+            check_text(content, f"messages[{i}].content")
         return content
     if not isinstance(content, list):
         raise bad_request(
@@ -37,24 +44,33 @@ def _text_of(content: Any, i: int, is_vl: bool) -> str:
         where = f"messages[{i}].content[{j}]"
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
+            if is_vl:
+                check_text(part["text"], where)
             out.append(part["text"])
-        elif kind in ("image_url", "input_image", "image"):
-            why = "the served model is text-only" if not is_vl else "this server does not take images yet"
-            raise bad_request(
-                f"image input needs a vision-language model and VL serving is not implemented: {why}",
-                where,
-                "unsupported_content",
-            )
+        elif kind in IMAGE_PART_TYPES:
+            if not is_vl:
+                raise bad_request(
+                    f"{where}: image input needs a vision-language model; the served model is text-only",
+                    where,
+                    "unsupported_content",
+                )
+            if len(images) >= MAX_IMAGES:
+                raise bad_request(f"{where}: at most {MAX_IMAGES} images per request", where, "invalid_value")
+            images.append(image_from_part(part, where))
+            out.append(image_marker(len(images)))
         else:
-            raise bad_request(f"{where}: unsupported content part (expected type 'text')", where, "invalid_value")
+            expected = "'text' or 'image_url'" if is_vl else "'text'"
+            raise bad_request(f"{where}: unsupported content part (expected type {expected})", where, "invalid_value")
     return "".join(out)
 
 
-def normalize_messages(messages: list[dict[str, Any]], is_vl: bool = False) -> list[dict[str, str]]:
-    """Validated `[{"role", "content"}]` with roles system/user/assistant (developer -> system)."""
+def normalize_chat(messages: list[dict[str, Any]], is_vl: bool = False) -> tuple[list[dict[str, str]], list[Any]]:
+    """Validated `[{"role", "content"}]` with roles system/user/assistant (developer -> system), and the images of
+    the conversation in order (PIL, RGB; a VL model only)."""
     if not messages:
         raise bad_request("messages must be a non-empty list", "messages", "invalid_value")
-    out = []
+    out: list[dict[str, str]] = []
+    images: list[Any] = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise bad_request(f"messages[{i}] must be an object", f"messages[{i}]")
@@ -70,8 +86,13 @@ def normalize_messages(messages: list[dict[str, Any]], is_vl: bool = False) -> l
             content = ""
         if content is None:
             raise bad_request(f"messages[{i}].content is required", f"messages[{i}].content", "invalid_value")
-        out.append({"role": ROLES[role], "content": _text_of(content, i, is_vl)})
-    return out
+        out.append({"role": ROLES[role], "content": _text_of(content, i, is_vl, images)})
+    return out, images
+
+
+def normalize_messages(messages: list[dict[str, Any]], is_vl: bool = False) -> list[dict[str, str]]:
+    """`normalize_chat` without the images."""
+    return normalize_chat(messages, is_vl)[0]
 
 
 def template_knows_thinking(tokenizer: Any) -> bool:

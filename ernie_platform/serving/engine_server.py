@@ -16,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from typing import Any, AsyncIterator, Optional, Union
 
-from ernie_platform.inference import AsyncEngine, Engine, PrefillResult, SamplingParams
+from ernie_platform.inference import AsyncEngine, Engine, MMInputs, PrefillResult, SamplingParams
 from ernie_platform.serving.metrics import engine_gauges
 from ernie_platform.serving.responses import KVRef, Tok
 
@@ -63,18 +64,25 @@ class EngineServer:
         self.replica, self.deployment, in_serve = _replica_identity(role)
         self._gauges = engine_gauges() if in_serve else None
         self._closed = threading.Event()
-        self._pending: list[tuple[list[int], SamplingParams, asyncio.Future]] = []
+        self._pending: list[tuple[list[int], SamplingParams, asyncio.Future, Optional[MMInputs]]] = []
         self._batcher: Optional[asyncio.Task] = None
+        self._prefilling_tokens = 0  # prompt tokens of the prefill forward running now (prefill role)
+        # generate calls not in the engine's queue yet (a decode replica first fetches the prefill result): they
+        # count as waiting in the routing stats, or a burst would look like an idle replica until it lands.
+        self._arriving: dict[str, tuple[int, int, int]] = {}  # request id -> (seqs, KV tokens, prompt to prefill)
         if self._gauges:
             threading.Thread(target=self._publish_gauges, name="ernie-gauges", daemon=True).start()
         log.info("%s replica %s ready (max_batch_size=%d, max_seq_len=%d)", role, self.replica,
                  self.engine.max_batch_size, self.engine.max_seq_len)  # fmt: skip
 
-    async def prefill(self, prompt_ids: list[int], params: SamplingParams) -> PrefillResult:
+    async def prefill(
+        self, prompt_ids: list[int], params: SamplingParams, mm: Optional[MMInputs] = None
+    ) -> PrefillResult:
         """Prompts that arrive while a prefill forward runs are prefilled together in the next one (one batched
-        forward instead of one per prompt: what keeps a prefill replica ahead of bursts)."""
+        forward instead of one per prompt: what keeps a prefill replica ahead of bursts; prompts with images, `mm`,
+        still take one forward each inside it)."""
         fut = asyncio.get_running_loop().create_future()
-        self._pending.append((prompt_ids, params, fut))
+        self._pending.append((prompt_ids, params, fut, mm))
         if self._batcher is None or self._batcher.done():
             self._batcher = asyncio.create_task(self._prefill_batches())
         return await fut
@@ -89,22 +97,24 @@ class EngineServer:
                     tokens += len(item[0]) * item[1].n
             if not batch:
                 continue
+            self._prefilling_tokens = sum(len(b[0]) for b in batch)
             try:
                 results = await asyncio.to_thread(self.engine.prefill_batch, [b[0] for b in batch],
-                                                  [b[1] for b in batch])  # fmt: skip
+                                                  [b[1] for b in batch], [b[3] for b in batch])  # fmt: skip
             except ValueError:  # some prompt is invalid: one by one, so each caller gets its own answer
                 results = None
             except Exception as e:
-                for _, _, fut in batch:
+                self._prefilling_tokens = 0
+                for _, _, fut, _ in batch:
                     if not fut.done():
                         fut.set_exception(e)
                 continue
-            for i, (ids, params, fut) in enumerate(batch):
+            for i, (ids, params, fut, mm) in enumerate(batch):
                 if results is not None:
                     result: Any = results[i]
                 else:
                     try:
-                        result = await asyncio.to_thread(self.engine.prefill, ids, params)
+                        result = await asyncio.to_thread(self.engine.prefill, ids, params, mm)
                     except Exception as e:
                         result = e
                 if fut.done():
@@ -113,6 +123,7 @@ class EngineServer:
                     fut.set_exception(result)
                 else:
                     fut.set_result(result)
+            self._prefilling_tokens = 0
 
     async def generate(
         self,
@@ -120,14 +131,24 @@ class EngineServer:
         prompt: Union[list[int], PrefillResult, KVRef],
         params: SamplingParams,
         want_tokens: bool = False,
+        mm: Optional[MMInputs] = None,
     ) -> AsyncIterator[list[Tok]]:
         if isinstance(prompt, KVRef):
-            prompt = await prompt.ref  # straight from the prefill replica's object store
+            self._arriving[request_id] = _cost(prompt.prompt_tokens, params, prefill=False)
+            try:
+                prompt = await prompt.ref  # straight from the prefill replica's object store
+            finally:
+                self._arriving.pop(request_id, None)
         q: asyncio.Queue = asyncio.Queue()
+        if isinstance(prompt, list):  # until pump() puts it in the engine's queue
+            self._arriving[request_id] = _cost(len(prompt), params, prefill=True)
 
         async def pump() -> None:
             try:
-                async for ev in self.aeng.generate(request_id, prompt, params):
+                # add_request runs in the generator's first step, with no await before it: the request moves from
+                # `_arriving` to the engine's waiting queue atomically for `record_routing_stats`
+                self._arriving.pop(request_id, None)
+                async for ev in self.aeng.generate(request_id, prompt, params, mm):
                     q.put_nowait(ev)
                 q.put_nowait(_END)
             except BaseException as e:  # noqa: B036 - handed to the consumer, which re-raises it
@@ -154,11 +175,31 @@ class EngineServer:
                 if end:
                     return
         finally:
+            self._arriving.pop(request_id, None)
             if not task.done():
                 task.cancel()  # closes the AsyncEngine stream, which aborts the request
 
     async def stats(self) -> dict[str, Any]:
         return {**self.aeng.stats(), "deployment": self.deployment, "replica": self.replica, "role": self.role}
+
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """This replica's load for the request routers (`ernie_platform.serving.router`), called by Serve every
+        `serve.routing_stats_period_s`; read as `ernie_platform.balance.routing.ReplicaLoad`. Runs on the replica's
+        event loop, so `_pending` / `_arriving` are consistent with what `prefill` / `generate` did so far."""
+        s = self.engine.stats()
+        arriving = list(self._arriving.values())
+        queued = s.get("waiting_prompt_tokens", 0.0) + sum(a[2] for a in arriving)
+        queued += self._prefilling_tokens + sum(len(ids) for ids, _, fut, _ in self._pending if not fut.done())
+        return {
+            "queued_prompt_tokens": float(queued),
+            "running_seqs": float(s["running_seqs"]),
+            "waiting_seqs": float(s.get("waiting_seqs", s["waiting"]) + sum(a[0] for a in arriving)),
+            "kv_usage": float(s["kv_usage"]),
+            "waiting_kv_tokens": float(s.get("waiting_kv_tokens", 0.0) + sum(a[1] for a in arriving)),
+            "kv_budget_tokens": float(s["kv_budget_tokens"]),
+            "max_seqs": float(self.engine.max_batch_size),
+            "timestamp": time.time(),
+        }
 
     async def actor_name(self) -> str:
         import ray
@@ -185,6 +226,11 @@ class EngineServer:
         aeng = getattr(self, "aeng", None)
         if aeng is not None:
             aeng.shutdown()
+
+
+def _cost(prompt_tokens: int, params: SamplingParams, prefill: bool) -> tuple[int, int, int]:
+    """(sequences, KV tokens, prompt tokens to prefill here) of a request."""
+    return params.n, params.n * (prompt_tokens + params.max_tokens), prompt_tokens if prefill else 0
 
 
 def _replica_identity(role: str) -> tuple[str, str, bool]:

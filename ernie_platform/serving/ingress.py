@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ernie_platform.inference import SamplingParams
 from ernie_platform.serving import chat as chatfmt
 from ernie_platform.serving import responses as R
+from ernie_platform.serving.images import mm_prompt
 from ernie_platform.serving.metrics import ServingMetrics
 from ernie_platform.serving.protocol import (
     APIError,
@@ -88,11 +89,25 @@ def to_api_error(e: BaseException) -> APIError:
     return APIError(500, f"internal error: {type(e).__name__}: {_message(e)}", "server_error", None, "internal_error")
 
 
+def _image_processor(vision: Optional[dict[str, Any]]) -> Any:
+    """The served VL model's image processor: the checkpoint's `preprocessor_config.json` when it has one, else the
+    defaults at the model's patch and merge sizes. None for a text model."""
+    if not vision:
+        return None
+    from ernie_platform.models.vl.image_processing import ErnieImageProcessor, ImageProcessorConfig
+
+    if vision.get("processor"):
+        return ErnieImageProcessor(ImageProcessorConfig.from_dict(vision["processor"]))
+    return ErnieImageProcessor(ImageProcessorConfig(patch_size=vision["patch_size"], merge_size=vision["merge_size"]))
+
+
 class _Job:
     """One engine request of an HTTP request: a prompt, its params and (for responses) its choice states."""
 
-    def __init__(self, rid: str, ids: list[int], params: SamplingParams, base: int, splitter: Any, echo: str = ""):
-        self.rid, self.ids, self.params, self.echo = rid, ids, params, echo
+    def __init__(
+        self, rid: str, ids: list[int], params: SamplingParams, base: int, splitter: Any, echo: str = "", mm: Any = None
+    ):
+        self.rid, self.ids, self.params, self.echo, self.mm = rid, ids, params, echo, mm
         self.choices = [R.ChoiceState(base + i, len(ids), splitter() if splitter else None) for i in range(params.n)]
 
 
@@ -103,6 +118,7 @@ class Ingress:
         self.model = cfg["model_name"]
         self.tokenizer = load_serving_tokenizer(cfg["model_path"])
         self.think_end = chatfmt.think_end_id(self.tokenizer)
+        self.image_processor = _image_processor(cfg.get("vision"))
         self.prefill, self.engine = prefill, engine
         self.grpc = bool(cfg.get("grpc_transport", True))
         # Token streams over Serve's direct gRPC transport (`_by_reference=False`): per item it costs about half of
@@ -169,18 +185,21 @@ class Ingress:
                               "n", "context_length_exceeded")  # fmt: skip
 
     # ---- engine calls --------------------------------------------------------------------------------------------
-    async def _call(self, rid: str, ids: list[int], params: SamplingParams, want_tokens: bool) -> tuple[Any, Any]:
-        """(token stream, what must stay alive while it runs)."""
+    async def _call(
+        self, rid: str, ids: list[int], params: SamplingParams, want_tokens: bool, mm: Any = None
+    ) -> tuple[Any, Any]:
+        """(token stream, what must stay alive while it runs). `mm`: the prompt's images (VL), which go where the
+        prompt is prefilled; a decode replica that imports the KV needs none of them."""
         if self.prefill is not None and len(ids) >= self.cfg["disagg_min_prompt_tokens"]:
             self.metrics.route("disaggregated")
-            result = self.prefill.prefill.remote(ids, params)
+            result = self.prefill.prefill.remote(ids, params, mm)
             if self.grpc:  # the decode replica fetches it from the object store by itself
                 ref = await result._to_object_ref()
-                return self.stream_handle.generate.remote(rid, R.KVRef(ref), params, want_tokens), ref
+                return self.stream_handle.generate.remote(rid, R.KVRef(ref, len(ids)), params, want_tokens), ref
             # by-reference handles resolve a DeploymentResponse argument on the decode replica
             return self.stream_handle.generate.remote(rid, result, params, want_tokens), result
         self.metrics.route("local")
-        return self.stream_handle.generate.remote(rid, ids, params, want_tokens), None
+        return self.stream_handle.generate.remote(rid, ids, params, want_tokens, mm), None
 
     async def _stream(self, job: _Job, want_tokens: bool, restartable: bool) -> AsyncIterator[list[R.Tok]]:
         """The job's token lists. A dead replica is retried while nothing was yielded (or `restartable`: the caller
@@ -189,7 +208,7 @@ class Ingress:
         while True:
             gen, got, finished = None, False, False
             try:
-                gen, _keep = await self._call(f"{job.rid}-{attempt}", job.ids, job.params, want_tokens)
+                gen, _keep = await self._call(f"{job.rid}-{attempt}", job.ids, job.params, want_tokens, job.mm)
                 async for toks in gen:
                     got = True
                     yield toks
@@ -435,15 +454,21 @@ class Ingress:
         req: ChatRequest = parse_body(await request.body(), ChatRequest)
         self._check_model(req.model)
         s = chat_sampling(req, self.cfg["max_n"])
-        messages = chatfmt.normalize_messages(req.messages, is_vl=self.cfg["is_vl"])
+        messages, images = chatfmt.normalize_chat(req.messages, is_vl=self.cfg["is_vl"])
         thinking = bool(thinking_requested(req))  # off unless the request turns it on
-        ids = chatfmt.encode_chat(self.tokenizer, chatfmt.render_chat(self.tokenizer, messages, thinking))
+        text = chatfmt.render_chat(self.tokenizer, messages, thinking)
+        mm = None
+        if images:
+            merge = int(self.cfg["vision"]["merge_size"])
+            ids, mm = await asyncio.to_thread(mm_prompt, self.tokenizer, self.image_processor, merge, text, images)
+        else:
+            ids = chatfmt.encode_chat(self.tokenizer, text)
         params = s.params
         if req.max_tokens is None and req.max_completion_tokens is None:
             params.max_tokens = max(1, min(self.cfg["default_max_tokens"], self.cfg["max_seq_len"] - len(ids)))
         self._fit(ids, params, "messages")
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        job = _Job(rid, ids, params, 0, self._splitter if thinking else None)
+        job = _Job(rid, ids, params, 0, self._splitter if thinking else None, mm=mm)
         want_lp = params.logprobs is not None
         if not s.stream:
             await self._collect(job, want_lp, t0)

@@ -34,6 +34,7 @@ class KVRef(NamedTuple):
     over Serve's direct gRPC transport, which would otherwise fetch the result into the ingress and resend it)."""
 
     ref: Any  # ray.ObjectRef of a PrefillResult, owned by the ingress, which keeps it alive until the stream ends
+    prompt_tokens: int = 0  # its prompt length, for load-aware routing before the result is fetched (0: unknown)
 
 
 def sse(obj: Any) -> str:

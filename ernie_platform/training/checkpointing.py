@@ -4,6 +4,7 @@
 Layout of one checkpoint (Ray Train copies every rank's files into `run.storage_path/run.name/checkpoint_*/`)::
 
     ds/                       DeepSpeed: model states (rank 0), each rank's ZeRO optimizer shard, LR scheduler
+    experts_rank{r}.pt        expert parallelism only: rank r's expert shards, their AdamW moments, the slot tables
     rng_rank{r}.json          RNG states of rank r (python, numpy, torch)
     state.json                step, data position (micro-batches consumed per rank), MLflow run id — rank 0
 
@@ -25,7 +26,7 @@ import random
 import signal
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -52,20 +53,32 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
 
 
-def save(engine: Any, state: dict[str, Any], rank: int, metrics: dict[str, float]) -> None:
-    """Collective: every rank saves its part with DeepSpeed and reports it to Ray Train with `metrics`."""
+def save(
+    engine: Any,
+    state: dict[str, Any],
+    rank: int,
+    metrics: dict[str, float],
+    write_extra: Optional[Callable[[Path], None]] = None,
+) -> None:
+    """Collective: every rank saves its part with DeepSpeed (and `write_extra(dir)`: files of its own, e.g. its
+    expert shards) and reports it to Ray Train with `metrics`."""
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix=f"ernie-ckpt-r{rank}-") as tmp:
         engine.save_checkpoint(tmp, tag=DS_TAG)
+        if write_extra is not None:
+            write_extra(Path(tmp))
         (Path(tmp) / f"rng_rank{rank}.json").write_text(json.dumps(rng_state()))
         if rank == 0:
             (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def load(engine: Any, checkpoint: Any, rank: int) -> dict[str, Any]:
-    """Restore engine (weights, optimizer, scheduler), this rank's RNG; returns the loop state of rank 0's file."""
+def load(
+    engine: Any, checkpoint: Any, rank: int, read_extra: Optional[Callable[[Path], None]] = None
+) -> dict[str, Any]:
+    """Restore engine (weights, optimizer, scheduler), this rank's RNG and `read_extra(dir)` (after DeepSpeed's load);
+    returns the loop state of rank 0's file."""
     with checkpoint.as_directory() as d:
         d = Path(d)
         if not (d / STATE_FILE).is_file():
@@ -74,6 +87,8 @@ def load(engine: Any, checkpoint: Any, rank: int) -> dict[str, Any]:
         path, _ = engine.load_checkpoint(str(d), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint under {d}/{DS_TAG}")
+        if read_extra is not None:
+            read_extra(d)
         rng_file = d / f"rng_rank{rank}.json"
         if rng_file.is_file():
             set_rng_state(json.loads(rng_file.read_text()))

@@ -12,7 +12,9 @@ Expert parallelism (`moe.expert_parallel_size` = P > 1, ZeRO stage 0): `kernels.
 MoE layer's experts per rank and moves tokens with all-to-all. DeepSpeed's own gradient all-reduce is switched off
 (`enable_backward_allreduce = False`) because it would add up different experts' gradients; the gradients are
 reduced by `allreduce_gradients` (replicated parameters over all ranks, expert shards over the expert-data-parallel
-group) and clipped here by the global norm (shards' squared norms summed over the EP group). The export gathers
+group) and clipped here by the global norm (shards' squared norms summed over the EP group). Which experts sit
+on which rank — and which hot experts get replicas in `moe.num_redundant_experts` extra slots, re-planned every
+`moe.rebalance_interval` steps from the routed loads — is `training.placement.ExpertPlacement`. The export gathers
 the experts back into the published layout.
 """
 
@@ -104,21 +106,18 @@ def _allreduce_sum_tensors(tensors: dict[str, torch.Tensor], world: int) -> dict
 @torch.no_grad()
 def _clip_expert_parallel(model: torch.nn.Module, max_norm: float, ep_group: Any) -> float:
     """Global gradient norm with expert shards (squared shard norms summed over the EP group); clips in place."""
-    from kernels.expert_parallel import expert_parameters
+    from kernels.expert_parallel import expert_grad_sq_sum, expert_parameters
 
     experts = {id(p) for p in expert_parameters(model)}
     dense_sq = torch.zeros((), dtype=torch.float64)
-    expert_sq = torch.zeros((), dtype=torch.float64)
     grads = []
     for p in model.parameters():
         if p.grad is None:
             continue
         grads.append(p.grad)
-        sq = p.grad.detach().double().pow(2).sum().cpu()
-        if id(p) in experts:
-            expert_sq += sq
-        else:
-            dense_sq += sq
+        if id(p) not in experts:
+            dense_sq += p.grad.detach().double().pow(2).sum().cpu()
+    expert_sq = expert_grad_sq_sum(model)  # replicas of one expert counted once
     dist.all_reduce(expert_sq, group=ep_group)
     norm = float((dense_sq + expert_sq).sqrt())
     if max_norm > 0 and norm > max_norm:
@@ -253,15 +252,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         print(start.message, flush=True)
     vl = is_vl(model)
     ep = int(cfg["moe"]["expert_parallel_size"])
-    ep_group = edp_group = None
+    ep_group = edp_group = placement = None
     saved_shards: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
     if ep > 1:
+        from ernie_platform.training.placement import ExpertPlacement, initial_tables
         from kernels.expert_parallel import expert_parameters, new_expert_parallel_groups, shard_experts
 
         if vl:
             raise ValueError("moe.expert_parallel_size > 1 is implemented for text MoE models only")
         ep_group, edp_group = new_expert_parallel_groups(ep)
-        shard_experts(model, ep_group)
+        placement = ExpertPlacement(model, cfg["moe"], ep, ctx.get_local_world_size())
+        shard_experts(
+            model, ep_group, phy2log=initial_tables(placement.num_layers, placement.num_experts, placement.num_slots)
+        )
         # DeepSpeed broadcasts rank 0's parameters when the engine is built; the shards differ per EP rank, so they
         # are put back afterwards (replicas in the expert-DP group start equal: same seed / checkpoint).
         saved_shards = [(p, p.detach().clone()) for p in expert_parameters(model)]
@@ -291,7 +294,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     state = {"step": 0, "batches": 0, "run_id": config.get("run_id")}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        state.update(checkpointing.load(engine, checkpoint, rank))
+        read_extra = None
+        if placement is not None:
+
+            def read_extra(d: Path) -> None:
+                placement.load(engine.module, optimizer, d, rank)
+
+        state.update(checkpointing.load(engine, checkpoint, rank, read_extra))
         # The LambdaLR factors came back with the checkpoint's trainer config; a rerun may have changed max_steps.
         for factor in scheduler.lr_lambdas:
             factor.trainer_cfg = dict(factor.trainer_cfg, **{k: t[k] for k in factor.trainer_cfg if k in t})
@@ -383,6 +392,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 interval[f"router/{k}"] += float(v.detach()) / accum
             for k, v in _expert_loads(engine.module).items():
                 loads_interval[k] = loads_interval.get(k, 0) + v.cpu()
+            if placement is not None:
+                placement.record(engine.module)
         if ep == 1:
             norm = engine.get_global_grad_norm()
             if norm is not None:
@@ -393,13 +404,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         step += 1
         interval["steps"] += 1
         state["step"] = step
+        if placement is not None and placement.due(step, max_steps):
+            moved = placement.rebalance(engine.module, optimizer)
+            interval.update(moved)  # the latest plan of the logging interval
+            if rank == 0:
+                print(
+                    f"step {step}: experts re-placed ({moved['balance/slots_moved']:.0f} slots moved), EP device "
+                    f"load max/mean {moved['balance/device_imbalance_before']:.3f} -> "
+                    f"{moved['balance/device_imbalance_after']:.3f} on the last {placement.interval} steps' loads",
+                    flush=True,
+                )
 
         last = step == max_steps
         if step % int(t["log_every"]) == 0 or last:
             elapsed = time.time() - t_interval
             n = interval.pop("steps")
             tokens, img_tokens = interval.pop("tokens"), interval.pop("image_tokens")
-            sums = _allreduce_mean({k: v / n for k, v in interval.items()}, world)
+            # balance/* happen once per plan: their value in the interval, not a per-step mean.
+            sums = _allreduce_mean({k: v if k.startswith("balance/") else v / n for k, v in interval.items()}, world)
             totals = _allreduce_mean({"tokens": tokens, "image_tokens": img_tokens}, world)
             tok_s = totals["tokens"] * world / max(elapsed, 1e-9)
             flops = (totals["tokens"] * flops_tok + totals["image_tokens"] * flops_img_tok) * world / max(elapsed, 1e-9)
@@ -418,6 +440,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     ratios.append(ratio)
             if ratios:
                 metrics["expert_load/imbalance_mean"] = sum(ratios) / len(ratios)
+            if placement is not None and loads:
+                # How evenly the interval's routed pairs fell on the EP group's devices under the placement now held.
+                loads_LE = torch.stack([loads[f"layer{i}"] for i in range(placement.num_layers)]).double()
+                metrics["expert_load/device_imbalance_mean"] = placement.device_imbalance(
+                    loads_LE, placement.tables(engine.module)
+                )
             metrics.update(_data_metrics(stats, world))
             if rank == 0:
                 if logger is not None:
@@ -458,7 +486,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 )
             report = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
             report["step"] = step
-            checkpointing.save(engine, dict(state), rank, report)
+            write_extra = None
+            if placement is not None:
+
+                def write_extra(d: Path) -> None:
+                    placement.save(engine.module, optimizer, d, rank)
+
+            checkpointing.save(engine, dict(state), rank, report, write_extra)
 
     if max_steps <= step_start and rank == 0:
         print(f"nothing to train: the checkpoint is at step {step_start} >= trainer.max_steps={max_steps}", flush=True)

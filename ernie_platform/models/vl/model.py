@@ -114,6 +114,12 @@ class ErnieVLForConditionalGeneration(nn.Module):
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
         init_weights(self)  # expert pools are created with torch.empty
 
+    @property
+    def args(self) -> Any:
+        """The language model's shapes as `ErnieModelArgs` (layers, KV heads, head dim, vocabulary), what the KV
+        cache and the inference engine read from a text model's `args`."""
+        return self.cfg.text.attention_args()
+
     # ---- positions ---------------------------------------------------------------------------------------------------
     def get_rope_index(
         self,

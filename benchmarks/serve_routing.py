@@ -1,0 +1,237 @@
+"""Request routing benchmark: the pd app with 2 Decode replicas under a skewed workload, `serve.router=load` (our
+load-aware router, docs/balance.md "Request routing") against `serve.router=pow2` (Ray Serve's default power of
+two choices on ongoing requests), one after the other on one local Ray instance.
+
+Run from the repository root:
+
+    python benchmarks/serve_routing.py                    # 96 requests, 12 concurrent clients, both routers
+    python benchmarks/serve_routing.py --requests 48 --routers load
+
+Workload (the same list, in the same order, for each router): every 4th request is heavy (`n=4` choices and
+`--heavy-tokens` output tokens each), the others light (`n=1`, `--light-tokens`); every prompt has
+`--prompt-tokens` tokens (>= serve.disagg_min_prompt_tokens, so prefill runs on the Prefill replica); greedy,
+`ignore_eos`, streamed, from `--concurrency` closed-loop clients. Ray's default router counts a heavy request like
+a light one (one ongoing request); ours counts its sequences and KV reservation.
+
+Measured per router: every `--sample-s` the driver reads each Decode replica's load report (the replica actor's
+`record_routing_stats`, which Serve's controller also polls) and keeps its sequence load (running + waiting
+sequences); `seq max/mean` is the mean over samples (with any load) of max over replicas / mean over replicas (1.0 =
+even); `seq-s share` is each replica's share of the summed sequence load over time. Per replica at the end, from
+`Engine.stats()`: requests and generated tokens. Plus wall time, output tok/s and TTFT p50 / p99.
+The demo MoE model (random weights) is served; results: docs/benchmarks.md ("Request routing").
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # `python benchmarks/serve_routing.py`: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, math.ceil(q / 100 * len(xs)) - 1))]
+
+
+def workload(args: argparse.Namespace) -> list[dict[str, Any]]:
+    out = []
+    for i in range(args.requests):
+        heavy = i % 4 == 0
+        base = f"Request {i}: the quick brown fox jumps over the lazy dog. "
+        prompt = (base * (args.prompt_tokens // len(base) + 1))[: args.prompt_tokens]
+        out.append({"prompt": prompt, "n": 4 if heavy else 1,
+                    "max_tokens": args.heavy_tokens if heavy else args.light_tokens})  # fmt: skip
+    return out
+
+
+async def one(session: Any, url: str, model: str, req: dict[str, Any]) -> tuple[float, float, int]:
+    """(TTFT s, end time, tokens) of one streamed /v1/completions call (raw SSE: cheap on the client side)."""
+    body = {"model": model, "temperature": 0, "stream": True, "ignore_eos": True, "return_token_ids": True, **req}
+    t0 = time.perf_counter()
+    first, tokens = None, 0
+    async with session.post(f"{url}/completions", json=body) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}: {(await resp.text())[:200]}")
+        async for line in resp.content:
+            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(f"stream error: {chunk['error']}")
+            k = sum(len(c.get("token_ids") or []) for c in chunk["choices"])
+            if k and first is None:
+                first = time.perf_counter() - t0
+            tokens += k
+    return first or float("nan"), time.perf_counter(), tokens
+
+
+async def drive(url: str, model: str, reqs: list[dict[str, Any]], conc: int) -> tuple[float, list[tuple]]:
+    import aiohttp
+
+    queue = list(reversed(reqs))
+    results: list[tuple] = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600),
+                                     connector=aiohttp.TCPConnector(limit=0)) as session:  # fmt: skip
+
+        async def worker() -> None:
+            while queue:
+                results.append(await one(session, url, model, queue.pop()))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(conc)))
+        return time.perf_counter() - t0, results
+
+
+def decode_actors(app: str) -> list[Any]:
+    import ray
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == "serve" and f"{app}#Decode#" in a["name"]]  # fmt: skip
+    return [ray.get_actor(n, namespace="serve") for n in sorted(names)]
+
+
+def engine_stats(app: str, replicas: int) -> dict[str, dict[str, Any]]:
+    """Engine.stats() of each Decode replica (through the handle: repeated until every replica answered)."""
+    from ray import serve
+
+    h = serve.get_deployment_handle("Decode", app_name=app)
+    seen: dict[str, dict[str, Any]] = {}
+    for _ in range(50):
+        s = h.stats.remote().result(timeout_s=30)
+        seen[s["replica"]] = s
+        if len(seen) == replicas:
+            break
+    return seen
+
+
+def run_router(router: str, ckpt: str, port: int, reqs: list[dict[str, Any]], args: argparse.Namespace) -> dict:
+    import ray
+    from ray import serve
+
+    from workloads.serve.app import build_app
+
+    app = f"r_{router}"
+    cfg = {"model.path": ckpt, "serve.router": router, "serve.decode.num_replicas": 2,
+           "serve.engine.max_seq_len": args.prompt_tokens + max(args.heavy_tokens, args.light_tokens),
+           "serve.engine.max_batch_size": args.max_batch_size,
+           "serve.routing_stats_period_s": args.stats_period_s}  # fmt: skip
+    t0 = time.perf_counter()
+    serve.run(build_app(cfg), name=app, route_prefix=f"/{app}")
+    url = f"http://127.0.0.1:{port}/{app}/v1"
+    print(f"[{router}] app up in {time.perf_counter() - t0:.1f} s", flush=True)
+    warm = [dict(r, max_tokens=2) for r in reqs[:4]]
+    asyncio.run(drive(url, Path(ckpt).name, warm, 4))
+    before = engine_stats(app, 2)
+    actors = decode_actors(app)
+    assert len(actors) == 2, actors
+    samples: list[list[float]] = []
+    stop = threading.Event()
+
+    def sampler() -> None:
+        while not stop.wait(args.sample_s):
+            try:
+                rs = ray.get([a.record_routing_stats.remote() for a in actors], timeout=5)
+            except Exception:
+                continue
+            samples.append([r["running_seqs"] + r["waiting_seqs"] for r in rs])
+
+    th = threading.Thread(target=sampler, daemon=True)
+    th.start()
+    wall, results = asyncio.run(drive(url, Path(ckpt).name, reqs, args.concurrency))
+    stop.set()
+    th.join()
+    after = engine_stats(app, 2)
+    serve.delete(app)
+    busy = [s for s in samples if sum(s) > 0]
+    ratio = sum(max(s) / (sum(s) / len(s)) for s in busy) / max(1, len(busy))
+    totals = [sum(s[i] for s in samples) for i in range(2)]
+    per = []
+    for rid in sorted(after):
+        a, b = after[rid], before.get(rid, {})
+        per.append({"requests": int(a["requests_finished"] - b.get("requests_finished", 0)),
+                    "tokens": int(a["tokens_generated"] - b.get("tokens_generated", 0))})  # fmt: skip
+    return {"router": router, "wall_s": wall, "tokens": sum(r[2] for r in results),
+            "ttft": [r[0] * 1000 for r in results], "seq_ratio": ratio, "samples": len(busy),
+            "share": [t / max(1e-9, sum(totals)) for t in totals], "per": per}  # fmt: skip
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| router | seq max/mean (time avg) | seq-s share per replica | requests per replica | output tokens per "
+           "replica | tokens max/mean | wall s | output tok/s | TTFT p50 ms | TTFT p99 ms |",
+           "|---|---:|---|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in rows:
+        toks = [p["tokens"] for p in r["per"]]
+        tmm = max(toks) / (sum(toks) / len(toks)) if sum(toks) else float("nan")
+        share = " / ".join(f"{s:.2f}" for s in r["share"])
+        nreq = " / ".join(str(p["requests"]) for p in r["per"])
+        out.append(f"| {r['router']} | {r['seq_ratio']:.2f} ({r['samples']} samples) | {share} | {nreq} | "
+                   f"{' / '.join(str(t) for t in toks)} | {tmm:.2f} | {r['wall_s']:.1f} | "
+                   f"{r['tokens'] / r['wall_s']:,.0f} | {pct(r['ttft'], 50):.0f} | "
+                   f"{pct(r['ttft'], 99):.0f} |")  # fmt: skip
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=96)
+    ap.add_argument("--concurrency", type=int, default=12)
+    ap.add_argument("--prompt-tokens", type=int, default=48)
+    ap.add_argument("--heavy-tokens", type=int, default=64)
+    ap.add_argument("--light-tokens", type=int, default=16)
+    ap.add_argument("--max-batch-size", type=int, default=32)
+    ap.add_argument("--stats-period-s", type=float, default=1.0)
+    ap.add_argument("--sample-s", type=float, default=0.1)
+    ap.add_argument("--routers", default="load,pow2")
+    args = ap.parse_args()
+
+    import ray
+    import torch
+    from ray import serve
+
+    torch.set_num_threads(1)
+    from ernie_platform.inference.loading import load_model_and_tokenizer
+    from ernie_platform.models import save_pretrained
+
+    print(f"machine: {os.cpu_count()} logical CPUs, load average {os.getloadavg()[0]:.2f} at start; Ray "
+          f"{ray.__version__}", flush=True)  # fmt: skip
+    model, tok = load_model_and_tokenizer(None)
+    reqs = workload(args)
+    os.environ.setdefault("RAY_SERVE_PROXY_USE_GRPC", "1")
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = str(save_pretrained(model, Path(tmp) / "ernie45-demo", tokenizer=tok))
+        del model
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            rows = []
+            for router in args.routers.split(","):
+                rows.append(run_router(router, ckpt, port, reqs, args))
+                print(table(rows[-1:]), flush=True)
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+    print(f"\n{args.requests} requests (1 in 4 heavy: n=4 x {args.heavy_tokens} tokens; others n=1 x "
+          f"{args.light_tokens}), prompts {args.prompt_tokens} tokens, {args.concurrency} clients, pd mode with "
+          f"2 Decode replicas, routing stats every {args.stats_period_s} s\n")  # fmt: skip
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
