@@ -214,6 +214,11 @@ def test_long_then_mm_cli(reference: dict, storage: Path) -> None:
     vl = load_pretrained(storage / "mm" / "export")
     assert type(vl).__name__ == "ErnieVLForConditionalGeneration"
     assert vl.cfg.text.rope_theta == 500000.0
+    # The export carries its image processing (what serving reads): images resized to fit the training context.
+    from ernie_platform.serving.app import model_limits
+
+    proc = model_limits(str(storage / "mm" / "export"))["vision"]["processor"]
+    assert proc["patch_size"] == 14 and proc["merge_size"] == 2 and proc["size"]["longest_edge"] <= 253 * 28 * 28
     # The grown model kept the long stage's text weights where nothing trained them... all of them trained in the
     # joint phase, so check the structure instead: the text experts' shapes and the embedding are the long model's.
     text = load_pretrained(long["export"])

@@ -274,6 +274,18 @@ def _vl_ids(tokenizer: Any, vl_model_cfg: Optional[Mapping[str, Any]]) -> Tuple[
     return ids, int(vl.get("spatial_merge_size", 2)), int(vl.get("patch_size", 14))
 
 
+def image_processor_config(patch: int, merge: int, seq_len: int) -> Any:
+    """The `ImageProcessorConfig` of VL training on `seq_len`-token sequences: one image may use at most seq_len - 3
+    tokens (START/END + EOS), so larger images are resized down to fit. The VL export carries it as its
+    `preprocessor_config.json`, so a served model sees images prepared as in training."""
+    from ernie_platform.models.vl.image_processing import ImageProcessorConfig
+
+    factor = patch * merge
+    default = ImageProcessorConfig(patch_size=patch, merge_size=merge)
+    max_pixels = max(default.min_pixels, min(default.max_pixels, (seq_len - 3) * factor * factor))
+    return ImageProcessorConfig(patch_size=patch, merge_size=merge, max_pixels=max_pixels)
+
+
 def _vl_samples(
     data_cfg: Any,
     tokenizer: Any,
@@ -287,7 +299,7 @@ def _vl_samples(
 ) -> Iterator[Tuple[Dict[str, Any], str]]:
     """Endless (sample, origin) of this rank."""
     from ernie_platform.data.synthetic_vl import SyntheticVLDataset
-    from ernie_platform.models.vl.image_processing import ErnieImageProcessor, ImageProcessorConfig
+    from ernie_platform.models.vl.image_processing import ErnieImageProcessor
 
     ids, merge, patch = _vl_ids(tokenizer, vl_model_cfg)
     shuffle = bool(_cfg(data_cfg, "shuffle", True))
@@ -311,11 +323,7 @@ def _vl_samples(
                 stats.records += 1
                 yield ds[i], f"builtin_vl[{i}]"
             epoch += 1
-    factor = patch * merge
-    default = ImageProcessorConfig(patch_size=patch, merge_size=merge)
-    # One image may use at most seq_len - 3 tokens (START/END + EOS): larger images are resized down to fit.
-    max_pixels = max(default.min_pixels, min(default.max_pixels, (seq_len - 3) * factor * factor))
-    processor = ErnieImageProcessor(ImageProcessorConfig(patch_size=patch, merge_size=merge, max_pixels=max_pixels))
+    processor = ErnieImageProcessor(image_processor_config(patch, merge, seq_len))
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos_token_id")

@@ -20,6 +20,7 @@ the experts back into the published layout.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -195,25 +196,34 @@ def _export(engine: Any, cfg: dict[str, Any], tokenizer: Any, rank: int, ep: int
         params = list(model.parameters())
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             if rank == 0:
-                _write_export(save_pretrained, model, target, tokenizer)
+                _write_export(save_pretrained, model, target, tokenizer, int(cfg["trainer"]["seq_len"]))
     elif rank == 0:
-        _write_export(save_pretrained, model, target, tokenizer)
+        _write_export(save_pretrained, model, target, tokenizer, int(cfg["trainer"]["seq_len"]))
     if dist.is_initialized():
         dist.barrier()
     return target
 
 
-def _write_export(save_pretrained: Any, model: torch.nn.Module, target: str, tokenizer: Any) -> None:
+def _write_export(save_pretrained: Any, model: torch.nn.Module, target: str, tokenizer: Any, seq_len: int) -> None:
+    def write(path: Path) -> None:
+        save_pretrained(model, path, tokenizer=tokenizer)
+        if is_vl(model):  # the image processing of training, for whoever serves or fine-tunes the export
+            from ernie_platform.data.pipeline import image_processor_config
+
+            vision = model.cfg.vision
+            proc = image_processor_config(vision.patch_size, vision.spatial_merge_size, seq_len)
+            (path / "preprocessor_config.json").write_text(json.dumps(proc.to_dict(), indent=2) + "\n")
+
     if "://" in target and not target.startswith("file://"):
         import tempfile
 
         import pyarrow.fs as pafs
 
         with tempfile.TemporaryDirectory() as tmp:
-            save_pretrained(model, Path(tmp) / "export", tokenizer=tokenizer)
+            write(Path(tmp) / "export")
             pafs.copy_files(str(Path(tmp) / "export"), target)
     else:
-        save_pretrained(model, Path(target.removeprefix("file://")), tokenizer=tokenizer)
+        write(Path(target.removeprefix("file://")))
 
 
 def _quiet_ray_train_reports() -> None:
