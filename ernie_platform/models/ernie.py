@@ -85,6 +85,8 @@ class Attention(nn.Module):
         q_BHTD, k_BHTD = apply_rotary(q_BHTD, *rope), apply_rotary(k_BHTD, *rope)
         if cache is not None:
             k_BHTD, v_BHTD = cache.update(self.layer_idx, k_BHTD, v_BHTD)
+            if t == 1 and mask is not None and not torch.is_grad_enabled():
+                return self.o_proj(self._decode_attention(q_BHTD, k_BHTD, v_BHTD, mask).reshape(b, 1, -1))
         o_BHTD = F.scaled_dot_product_attention(
             q_BHTD,
             k_BHTD,
@@ -95,6 +97,19 @@ class Attention(nn.Module):
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
         return self.o_proj(o_BHTD.transpose(1, 2).reshape(b, t, -1))
+
+    def _decode_attention(
+        self, q_BH1D: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor, mask_B11S: torch.Tensor
+    ) -> torch.Tensor:
+        """One query token per row (a decode step): the G = H / K query heads that share a KV head form the rows of
+        one small matmul against that head's keys, so the keys and values are read once per KV head and never
+        expanded to H heads. On CPU this is ~3x faster than SDPA for T = 1 (docs/inference.md). Returns [B, H, D]."""
+        b, h, _, d = q_BH1D.shape
+        kv = k_BKSD.shape[1]
+        q_BKGD = q_BH1D.reshape(b, kv, h // kv, d)
+        scores_BKGS = torch.matmul(q_BKGD, k_BKSD.transpose(-1, -2)).mul_(self.head_dim**-0.5)
+        scores_BKGS.masked_fill_(~mask_B11S, float("-inf"))
+        return torch.matmul(torch.softmax(scores_BKGS, dim=-1), v_BKSD).reshape(b, h, d)
 
 
 def build_attention_mask(
