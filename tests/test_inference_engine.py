@@ -224,6 +224,17 @@ def test_prefill_decode_transfer_between_engines(engine: Engine, ckpt: Path) -> 
     assert decoder.stats()["prefills_imported"] == 2 and decoder.stats()["prefills_local"] == 0
 
 
+def test_batched_prefill_results_carry_only_their_own_kv(engine: Engine) -> None:
+    """The longest prompt's KV rows are a contiguous slice of the batch's prefill cache: the PrefillResult must not
+    share (and pickle) the whole batch's storage."""
+    prompts = [_prompt(9, 60), _prompt(4, 61), _prompt(6, 62)]
+    results = engine.prefill_batch(prompts, [GREEDY] * len(prompts))
+    for prompt, result in zip(prompts, results):
+        for k, v in result.kv:
+            for t in (k, v):
+                assert t.shape[1] == len(prompt) and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
 def test_async_engine_streams_and_cancellation_aborts(engine: Engine) -> None:
     aeng = AsyncEngine(engine)
     prompt = _prompt(5, 60)

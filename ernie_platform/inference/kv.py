@@ -63,7 +63,13 @@ class KVPool:
 
 
 def kv_to_cpu(kv: KV) -> KV:
-    return [(k.detach().to("cpu").contiguous(), v.detach().to("cpu").contiguous()) for k, v in kv]
+    """Compact CPU copies: a view into a batch's prefill cache would pickle (and travel) with the whole batch's
+    storage, even when it is contiguous."""
+
+    def copy(t: torch.Tensor) -> torch.Tensor:
+        return torch.empty(t.shape, dtype=t.dtype, device="cpu").copy_(t.detach())
+
+    return [(copy(k), copy(v)) for k, v in kv]
 
 
 def check_kv(kv: KV, cache: KVCache, prompt_len: int) -> None:

@@ -95,13 +95,8 @@ class KVCache:
         if rows:
             self.lengths_B[torch.as_tensor(rows, dtype=torch.long, device=self.lengths_B.device)] = 0
 
-    def read_row(self, row: int, length: Optional[int] = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Copies of row `row`'s first `length` (default: its cached length) slots: per layer (k [H, P, Dh], v)."""
-        n = int(self.lengths_B[row]) if length is None else length
-        return [(k[row, :, :n].clone(), v[row, :, :n].clone()) for k, v in zip(self.k_LBHSD, self.v_LBHSD)]
-
     def write_row(self, row: int, kv: list[tuple[torch.Tensor, torch.Tensor]], length: Optional[int] = None) -> None:
-        """Load one sequence's KV (as returned by `read_row`, any device/dtype) into row `row`, replacing it."""
+        """Load one sequence's KV (per layer (k [H, P, Dh], v), any device/dtype) into row `row`, replacing it."""
         if len(kv) != len(self.k_LBHSD):
             raise ValueError(f"KVCache.write_row: {len(kv)} layers given, the cache has {len(self.k_LBHSD)}")
         n = kv[0][0].shape[1] if length is None else length
