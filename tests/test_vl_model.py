@@ -15,34 +15,14 @@ TOL = 1e-4
 
 def _hf_config() -> Ernie4_5_VLMoeConfig:
     return Ernie4_5_VLMoeConfig(
-        vision_config=dict(
-            depth=2,
-            hidden_size=32,
-            num_heads=4,
-            intermediate_size=64,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_merge_size=2,
-        ),
-        text_config=dict(
-            hidden_size=48,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=64,
-            vocab_size=64,
-            moe_intermediate_size=[16, 8],
-            moe_num_experts=4,
-            moe_k=2,
-            moe_num_shared_experts=1,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 2]},
-        ),
-        image_token_id=IMG,
-        image_start_token_id=IMG_START,
-        image_end_token_id=IMG_END,
-        video_token_id=59,
-        video_start_token_id=57,
-        video_end_token_id=58,
+        vision_config=dict(depth=2, hidden_size=32, num_heads=4, intermediate_size=64, patch_size=14,
+                           spatial_merge_size=2, temporal_merge_size=2),
+        text_config=dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=64, vocab_size=64, moe_intermediate_size=[16, 8], moe_num_experts=4,
+                         moe_k=2, moe_num_shared_experts=1,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 2]}),
+        image_token_id=IMG, image_start_token_id=IMG_START, image_end_token_id=IMG_END,
+        video_token_id=59, video_start_token_id=57, video_end_token_id=58,
     )
 
 
@@ -75,25 +55,13 @@ def _prompt(grid: list[int], before: int = 3, after: int = 4) -> dict[str, torch
     """text, <IMG_START>, placeholders, <IMG_END>, text; token types as the processor makes them."""
     n = grid[0] * grid[1] * grid[2] // 4
     g = torch.Generator().manual_seed(2)
-    ids = torch.cat(
-        [
-            torch.randint(3, 50, (before,), generator=g),
-            torch.tensor([IMG_START]),
-            torch.full((n,), IMG),
-            torch.tensor([IMG_END]),
-            torch.randint(3, 50, (after,), generator=g),
-        ]
-    )
+    ids = torch.cat([torch.randint(3, 50, (before,), generator=g), torch.tensor([IMG_START]),
+                     torch.full((n,), IMG), torch.tensor([IMG_END]), torch.randint(3, 50, (after,), generator=g)])
     mm = (ids == IMG).long()
     moe_mm = ((ids == IMG) | (ids == IMG_START) | (ids == IMG_END)).long()
     pixels = torch.randn(grid[0] * grid[1] * grid[2], 3 * 14 * 14, generator=g)
-    return dict(
-        input_ids=ids[None],
-        mm_token_type_ids=mm[None],
-        moe_mm_token_type_ids=moe_mm[None],
-        pixel_values=pixels,
-        image_grid_thw=torch.tensor([grid]),
-    )
+    return dict(input_ids=ids[None], mm_token_type_ids=mm[None], moe_mm_token_type_ids=moe_mm[None],
+                pixel_values=pixels, image_grid_thw=torch.tensor([grid]))
 
 
 @pytest.mark.parametrize("grid", [[1, 4, 6], [1, 6, 4]])
@@ -113,12 +81,9 @@ def test_decoding_after_image_prompt_equals_full_forward(pair) -> None:
     _, ours = pair
     inputs = _prompt([1, 4, 6])
     extra = torch.tensor([[7, 8, 9]])
-    full = {
-        **inputs,
-        "input_ids": torch.cat([inputs["input_ids"], extra], 1),
-        "mm_token_type_ids": torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(extra)], 1),
-        "moe_mm_token_type_ids": torch.cat([inputs["moe_mm_token_type_ids"], torch.zeros_like(extra)], 1),
-    }
+    full = {**inputs, "input_ids": torch.cat([inputs["input_ids"], extra], 1),
+            "mm_token_type_ids": torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(extra)], 1),
+            "moe_mm_token_type_ids": torch.cat([inputs["moe_mm_token_type_ids"], torch.zeros_like(extra)], 1)}
     with torch.no_grad():
         expected = ours(**full).logits
         a = ours.cfg.text
@@ -126,12 +91,8 @@ def test_decoding_after_image_prompt_equals_full_forward(pair) -> None:
         prefill = ours(**inputs, cache=cache).logits
         torch.testing.assert_close(prefill, expected[:, : prefill.shape[1]], rtol=0, atol=1e-5)
         for i in range(extra.shape[1]):
-            step = ours(
-                extra[:, i : i + 1],
-                mm_token_type_ids=torch.zeros(1, 1, dtype=torch.long),
-                moe_mm_token_type_ids=torch.zeros(1, 1, dtype=torch.long),
-                cache=cache,
-            ).logits
+            step = ours(extra[:, i : i + 1], mm_token_type_ids=torch.zeros(1, 1, dtype=torch.long),
+                        moe_mm_token_type_ids=torch.zeros(1, 1, dtype=torch.long), cache=cache).logits
             torch.testing.assert_close(step[:, 0], expected[:, prefill.shape[1] + i], rtol=0, atol=1e-5)
 
 
