@@ -154,9 +154,15 @@ def engine_in_process(model: Any, tok: Any, prompts: list[list[int]], lens: list
 
 # ---- load generator --------------------------------------------------------------------------------------------------
 async def one_request(session: Any, url: str, model: str, prompt: str, m: int) -> tuple[float, list[tuple[float, int]]]:
-    """(send time, [(arrival time, tokens in chunk)]) of one streamed /v1/completions call, read as raw SSE."""
+    """One greedy streamed completion of exactly `m` tokens (see `stream_completion`)."""
     body = {"model": model, "prompt": prompt, "max_tokens": m, "temperature": 0, "stream": True,
             "ignore_eos": True, "return_token_ids": True}  # fmt: skip
+    return await stream_completion(session, url, body)
+
+
+async def stream_completion(session: Any, url: str, body: dict[str, Any]) -> tuple[float, list[tuple[float, int]]]:
+    """(send time, [(arrival time, tokens in chunk)]) of one streamed /v1/completions call (`body` with
+    `return_token_ids`), read as raw SSE: cheap on the client side."""
     t0 = time.perf_counter()
     arrivals = []
     async with session.post(f"{url}/completions", json=body) as resp:

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import math
 import os
 import socket
 import sys
@@ -39,12 +37,7 @@ from typing import Any
 if __package__ in (None, ""):  # `python benchmarks/serve_routing.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def pct(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, math.ceil(q / 100 * len(xs)) - 1))]
+from benchmarks.serve_load import pct, stream_completion  # noqa: E402
 
 
 def workload(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -59,24 +52,11 @@ def workload(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 async def one(session: Any, url: str, model: str, req: dict[str, Any]) -> tuple[float, float, int]:
-    """(TTFT s, end time, tokens) of one streamed /v1/completions call (raw SSE: cheap on the client side)."""
+    """(TTFT s, end time, tokens) of one streamed /v1/completions call."""
     body = {"model": model, "temperature": 0, "stream": True, "ignore_eos": True, "return_token_ids": True, **req}
-    t0 = time.perf_counter()
-    first, tokens = None, 0
-    async with session.post(f"{url}/completions", json=body) as resp:
-        if resp.status != 200:
-            raise RuntimeError(f"HTTP {resp.status}: {(await resp.text())[:200]}")
-        async for line in resp.content:
-            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(f"stream error: {chunk['error']}")
-            k = sum(len(c.get("token_ids") or []) for c in chunk["choices"])
-            if k and first is None:
-                first = time.perf_counter() - t0
-            tokens += k
-    return first or float("nan"), time.perf_counter(), tokens
+    t0, arrivals = await stream_completion(session, url, body)
+    first = arrivals[0][0] - t0 if arrivals else float("nan")
+    return first, time.perf_counter(), sum(k for _, k in arrivals)
 
 
 async def drive(url: str, model: str, reqs: list[dict[str, Any]], conc: int) -> tuple[float, list[tuple]]:
