@@ -20,6 +20,7 @@ the experts back into the published layout.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -304,12 +305,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     state = {"step": 0, "batches": 0, "run_id": config.get("run_id")}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        read_extra = None
-        if placement is not None:
-
-            def read_extra(d: Path) -> None:
-                placement.load(engine.module, optimizer, d, rank)
-
+        read_extra = functools.partial(placement.load, engine.module, optimizer, rank=rank) if placement else None
         state.update(checkpointing.load(engine, checkpoint, rank, read_extra))
         # The LambdaLR factors came back with the checkpoint's trainer config; a rerun may have changed max_steps.
         for factor in scheduler.lr_lambdas:
@@ -400,10 +396,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             interval["lm_loss"] += float(out.lm_loss.detach()) / accum
             for k, v in out.router_losses.items():
                 interval[f"router/{k}"] += float(v.detach()) / accum
-            for k, v in _expert_loads(engine.module).items():
+            micro_loads = _expert_loads(engine.module)
+            for k, v in micro_loads.items():
                 loads_interval[k] = loads_interval.get(k, 0) + v.cpu()
             if placement is not None:
-                placement.record(engine.module)
+                placement.record(micro_loads)
         if ep == 1:
             norm = engine.get_global_grad_norm()
             if norm is not None:
@@ -452,9 +449,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 metrics["expert_load/imbalance_mean"] = sum(ratios) / len(ratios)
             if placement is not None and loads:
                 # How evenly the interval's routed pairs fell on the EP group's devices under the placement now held.
-                loads_LE = torch.stack([loads[f"layer{i}"] for i in range(placement.num_layers)]).double()
                 metrics["expert_load/device_imbalance_mean"] = placement.device_imbalance(
-                    loads_LE, placement.tables(engine.module)
+                    placement.stack(loads), placement.tables(engine.module)
                 )
             metrics.update(_data_metrics(stats, world))
             if rank == 0:
@@ -496,12 +492,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 )
             report = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
             report["step"] = step
-            write_extra = None
-            if placement is not None:
-
-                def write_extra(d: Path) -> None:
-                    placement.save(engine.module, optimizer, d, rank)
-
+            write_extra = functools.partial(placement.save, engine.module, optimizer, rank=rank) if placement else None
             checkpointing.save(engine, dict(state), rank, report, write_extra)
 
     if max_steps <= step_start and rank == 0:

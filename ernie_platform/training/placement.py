@@ -84,11 +84,14 @@ class ExpertPlacement:
 
         return torch.stack(placement_tables(model))
 
-    def record(self, model: torch.nn.Module) -> None:
-        """Add the last forward's routed counts (this rank's tokens) to the loads since the last plan."""
-        for i, block in enumerate(_blocks(model)):
-            if block.last_expert_load_E is not None:
-                self.loads_LE[i] += block.last_expert_load_E.detach().double().cpu()
+    def stack(self, loads: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[L, E] float64 from the training loop's per-layer loads {"layer{i}": [E]}."""
+        return torch.stack([loads[f"layer{i}"].detach().double().cpu() for i in range(self.num_layers)])
+
+    def record(self, loads: dict[str, torch.Tensor]) -> None:
+        """Add one forward's routed counts (this rank's tokens; the loop's {"layer{i}": [E]}) to the loads since the
+        last plan."""
+        self.loads_LE += self.stack(loads)
 
     def device_imbalance(self, loads_LE: torch.Tensor, phy2log_LS: torch.Tensor) -> float:
         """Mean over layers of max/mean load of the EP group's devices for these loads under this placement."""
