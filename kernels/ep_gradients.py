@@ -67,33 +67,31 @@ def sync_replica_gradients(model: nn.Module) -> None:
     """Sum the gradients of each replicated expert over its slots in the EP group and give every replica the sum
     (collective over each EP group; nothing to do without replicas). After this, replicas of one expert hold equal
     gradients, the gradient that expert would have had alone, so equal weights and optimizer states stay equal."""
-    bufs, targets = [], []
+    # Per replicated slot held here: its row in the shard (`slot_R`) and its expert's row in the buffer (`rep_R`).
+    synced: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (grad, buffer, slot_R, rep_R)
+    by_group: dict[int, tuple[ProcessGroup, list[torch.Tensor]]] = {}
     for block in _moe_blocks(model):
         ep = block.expert_parallel
         if ep is None or not ep.replicated:
             continue
-        rep_E = torch.full((ep.num_experts,), -1, dtype=torch.long)
         hot = torch.nonzero(ep.logcnt_E.cpu() > 1).flatten()
+        rep_E = torch.full((ep.num_experts,), -1, dtype=torch.long)
         rep_E[hot] = torch.arange(hot.numel())
-        row_L = rep_E[ep.local_experts()]
-        sel_L = torch.nonzero(row_L >= 0).flatten()
+        rep_L = rep_E[ep.local_experts()]
+        slot_R = torch.nonzero(rep_L >= 0).flatten()
+        rep_R = rep_L[slot_R]
         for param in (block.w13_E2FD, block.w2_EDF):
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
+            slots, reps = slot_R.to(param.device), rep_R.to(param.device)
             buf = param.grad.new_zeros((hot.numel(),) + tuple(param.shape[1:]))
-            idx = sel_L.to(buf.device)
-            buf.index_add_(0, row_L[sel_L].to(buf.device), param.grad.index_select(0, idx))
-            bufs.append((buf, ep.group))
-            targets.append((param.grad, idx, row_L[sel_L].to(buf.device)))
-    by_group: dict[int, list[torch.Tensor]] = {}
-    groups: dict[int, ProcessGroup] = {}
-    for buf, group in bufs:
-        by_group.setdefault(id(group), []).append(buf)
-        groups[id(group)] = group
-    for key, ts in by_group.items():
-        _allreduce_sum_(ts, groups[key])
-    for (buf, _), (grad, idx, rows) in zip(bufs, targets):
-        grad.index_copy_(0, idx, buf.index_select(0, rows))
+            buf.index_add_(0, reps, param.grad.index_select(0, slots))
+            synced.append((param.grad, buf, slots, reps))
+            by_group.setdefault(id(ep.group), (ep.group, []))[1].append(buf)
+    for group, bufs in by_group.values():
+        _allreduce_sum_(bufs, group)
+    for grad, buf, slots, reps in synced:
+        grad.index_copy_(0, slots, buf.index_select(0, reps))
 
 
 def expert_grad_sq_sum(model: nn.Module) -> torch.Tensor:
