@@ -286,16 +286,11 @@ def placement_tables(model: nn.Module) -> list[torch.Tensor]:
     return [b.expert_parallel.phy2log_S.cpu().clone() for b in _moe_blocks(model) if b.expert_parallel is not None]
 
 
-def _gather_slots(local_L: torch.Tensor, ep: ExpertParallel) -> torch.Tensor:
-    """All-gather the [L, ...] shards of the EP group: [S, ...] in slot order."""
+def _gather_global(local_L: torch.Tensor, ep: ExpertParallel) -> torch.Tensor:
+    """All-gather the [L, ...] shards of the EP group (slot order) and reorder to global expert order [E, ...]."""
     shards = [torch.empty_like(local_L) for _ in range(ep.ep_size)]
     dist.all_gather(shards, local_L.contiguous(), group=ep.group)
-    return torch.cat(shards)
-
-
-def _gather_global(local_L: torch.Tensor, ep: ExpertParallel) -> torch.Tensor:
-    """All-gather the [L, ...] shards of the EP group and reorder to global expert order [E, ...]."""
-    slots_S = _gather_slots(local_L, ep)
+    slots_S = torch.cat(shards)
     return slots_S.index_select(0, ep.placement_E.to(slots_S.device))  # e's first slot (replicas are equal)
 
 
@@ -330,10 +325,10 @@ def optimizer_state(optimizer: Any, param: torch.Tensor) -> dict[str, Any]:
     return optimizer.state[param]
 
 
-def _moments(optimizer: Any, param: torch.Tensor) -> list[torch.Tensor]:
-    """The per-parameter optimizer state tensors shaped like `param` (AdamW: exp_avg, exp_avg_sq)."""
+def optimizer_moments(optimizer: Any, param: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The per-parameter optimizer state tensors shaped like `param` (AdamW: exp_avg, exp_avg_sq), by state key."""
     state = optimizer_state(optimizer, param)
-    return [v for v in state.values() if isinstance(v, torch.Tensor) and v.shape == param.shape]
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and v.shape == param.shape}
 
 
 @torch.no_grad()
@@ -354,17 +349,15 @@ def apply_placement(model: nn.Module, phy2log: Any, optimizer: Any = None) -> in
         moved += int((new_S != old_S).sum())
         if torch.equal(new_S, old_S):
             continue
-        first_slot_E = ep.placement_E.cpu()  # where to read each expert from (replicas hold the same values)
         lo = ep.ep_rank * ep.num_local
         new_local_L = new_S[lo : lo + ep.num_local]
         for name in ("w13_E2FD", "w2_EDF"):
             param = getattr(block, name)
-            tensors = [param] + _moments(optimizer, param)
+            tensors = [param, *optimizer_moments(optimizer, param).values()]
             if param.grad is not None:
                 tensors.append(param.grad)
-            for t in tensors:
-                src_S = _gather_slots(t, ep)
-                t.copy_(src_S.index_select(0, first_slot_E.to(src_S.device)).index_select(0, new_local_L.to(t.device)))
+            for t in tensors:  # each expert read from one of its old slots (replicas hold the same values)
+                t.copy_(_gather_global(t, ep).index_select(0, new_local_L.to(t.device)))
         ep.set_tables(new_S)
     return moved
 
@@ -381,6 +374,7 @@ __all__ = [
     "identity_placement",
     "local_experts",
     "new_expert_parallel_groups",
+    "optimizer_moments",
     "optimizer_state",
     "placement_tables",
     "replica_tables",

@@ -129,16 +129,13 @@ class ExpertPlacement:
     # ---- checkpoint ------------------------------------------------------------------------------------------------
 
     def save(self, model: torch.nn.Module, optimizer: Any, directory: Path, rank: int) -> None:
-        from kernels.expert_parallel import expert_parameters, optimizer_state
+        from kernels.expert_parallel import expert_parameters, optimizer_moments
 
         names = {id(p): n for n, p in model.named_parameters()}
         params, moments = {}, {}
         for p in expert_parameters(model):
             params[names[id(p)]] = p.detach().clone()
-            state = optimizer_state(optimizer, p)
-            moments[names[id(p)]] = {
-                k: v.clone() for k, v in state.items() if isinstance(v, torch.Tensor) and v.shape == p.shape
-            }
+            moments[names[id(p)]] = {k: v.clone() for k, v in optimizer_moments(optimizer, p).items()}
         torch.save(
             {"phy2log_LS": self.tables(model), "loads_LE": self.loads_LE, "params": params, "moments": moments},
             Path(directory) / EXPERT_FILE.format(rank=rank),
