@@ -14,6 +14,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
+TEXT_MODEL_TYPES = ("ernie4_5", "ernie4_5_moe")  # config.json model_type of the text models (dense, MoE)
+VL_MODEL_TYPES = ("ernie4_5_vl_moe",)
+
 # Keys of a transformers config.json that are bookkeeping, not architecture: accepted and ignored on load.
 _IGNORED_HF_KEYS = {
     "architectures",
@@ -160,7 +163,7 @@ class ErnieModelArgs:
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> ErnieModelArgs:
         """Build from a transformers/ERNIE `config.json` dict; unknown architecture keys are an error."""
         model_type = d.get("model_type")
-        if model_type not in ("ernie4_5", "ernie4_5_moe"):
+        if model_type not in TEXT_MODEL_TYPES:
             raise ValueError(f"{source}: model_type={model_type!r} is not supported (expected ernie4_5/ernie4_5_moe)")
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}

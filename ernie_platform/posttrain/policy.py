@@ -19,9 +19,8 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
+from ernie_platform.models.config import TEXT_MODEL_TYPES
 from ernie_platform.posttrain.lora import LoRAConfig, LoRALinear, apply_lora, has_lora, lora_disabled
-
-TEXT_MODEL_TYPES = ("ernie4_5", "ernie4_5_moe")
 
 
 @dataclass

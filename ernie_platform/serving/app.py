@@ -26,10 +26,10 @@ from typing import Any, Optional, Union
 
 from omegaconf import DictConfig, OmegaConf
 
+from ernie_platform.models.config import TEXT_MODEL_TYPES, VL_MODEL_TYPES
+
 log = logging.getLogger(__name__)
 
-TEXT_MODEL_TYPES = ("ernie4_5", "ernie4_5_moe")
-VL_MODEL_TYPES = ("ernie4_5_vl_moe",)
 SERVABLE_MODEL_TYPES = TEXT_MODEL_TYPES + VL_MODEL_TYPES
 DEMO_MODEL_NAME = "ernie45-demo"
 API_KEY_ENV = "ERNIE_SERVE_API_KEY"
