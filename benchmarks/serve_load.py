@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -49,7 +50,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 if __package__ in (None, ""):  # `python benchmarks/serve_load.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -223,11 +224,11 @@ async def run_level(url: str, model: str, setting: str, conc: int, n: int, p: in
     return lv
 
 
-def serve_levels(ckpt: str, args: argparse.Namespace, lens: list[int]) -> list[Level]:
+@contextlib.contextmanager
+def local_serve() -> Iterator[int]:
+    """A local Ray instance with Serve on a free loopback port (yielded); Serve and Ray are shut down after."""
     import ray
     from ray import serve
-
-    from workloads.serve.app import build_app
 
     os.environ.setdefault("RAY_SERVE_PROXY_USE_GRPC", "1")  # as `python -m workloads.serve` does (docs/serving.md)
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
@@ -236,6 +237,18 @@ def serve_levels(ckpt: str, args: argparse.Namespace, lens: list[int]) -> list[L
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield port
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def serve_levels(ckpt: str, args: argparse.Namespace, lens: list[int]) -> list[Level]:
+    from ray import serve
+
+    from workloads.serve.app import build_app
+
+    with local_serve() as port:
         common = {"model.path": ckpt, "serve.engine.max_seq_len": args.prompt_tokens + max(lens)}
         t0 = time.perf_counter()
         serve.run_many([serve.RunTarget(build_app({**common, "serve.mode": mode}), name=mode, route_prefix=prefix)
@@ -250,10 +263,7 @@ def serve_levels(ckpt: str, args: argparse.Namespace, lens: list[int]) -> list[L
                 print(f"  {lv.setting} conc {conc}: {lv.tok_s:,.0f} tok/s, TTFT p50 {pct(lv.ttft_ms, 50):.1f} ms",
                       flush=True)  # fmt: skip
                 levels.append(lv)
-        serve.shutdown()
-        return levels
-    finally:
-        ray.shutdown()
+    return levels
 
 
 # ---- report ----------------------------------------------------------------------------------------------------------

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import sys
 import tempfile
 import threading
@@ -37,7 +36,7 @@ from typing import Any
 if __package__ in (None, ""):  # `python benchmarks/serve_routing.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.serve_load import pct, stream_completion  # noqa: E402
+from benchmarks.serve_load import local_serve, pct, stream_completion  # noqa: E402
 
 
 def workload(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -180,7 +179,6 @@ def main() -> None:
 
     import ray
     import torch
-    from ray import serve
 
     torch.set_num_threads(1)
     from ernie_platform.inference.loading import load_model_and_tokenizer
@@ -190,23 +188,14 @@ def main() -> None:
           f"{ray.__version__}", flush=True)  # fmt: skip
     model, tok = load_model_and_tokenizer(None)
     reqs = workload(args)
-    os.environ.setdefault("RAY_SERVE_PROXY_USE_GRPC", "1")
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = str(save_pretrained(model, Path(tmp) / "ernie45-demo", tokenizer=tok))
         del model
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
+        with local_serve() as port:
             rows = []
             for router in args.routers.split(","):
                 rows.append(run_router(router, ckpt, port, reqs, args))
                 print(table(rows[-1:]), flush=True)
-            serve.shutdown()
-        finally:
-            ray.shutdown()
     print(f"\n{args.requests} requests (1 in 4 heavy: n=4 x {args.heavy_tokens} tokens; others n=1 x "
           f"{args.light_tokens}), prompts {args.prompt_tokens} tokens, {args.concurrency} clients, pd mode with "
           f"2 Decode replicas, routing stats every {args.stats_period_s} s\n")  # fmt: skip

@@ -21,8 +21,26 @@ from ernie_platform.balance.placement import (
     replicate,
     tables_from_phy2log,
 )
+from ernie_platform.balance.routing import (  # request routing by load (serving)
+    LoadRouterPolicy,
+    LocalLoadTracker,
+    PendingLoad,
+    ReplicaLoad,
+    decode_score,
+    power_of_two_choices,
+    prefill_score,
+    request_cost,
+)
 
 __all__ = [
+    "LoadRouterPolicy",
+    "LocalLoadTracker",
+    "PendingLoad",
+    "ReplicaLoad",
+    "decode_score",
+    "power_of_two_choices",
+    "prefill_score",
+    "request_cost",
     "POLICIES",
     "align_to_previous",
     "balanced_packing",
@@ -41,25 +59,4 @@ __all__ = [
     "summarize",
     "tables_from_phy2log",
     "zipf_loads",
-]
-from ernie_platform.balance.routing import (  # noqa: E402 - request routing by load (serving), appended
-    LoadRouterPolicy,
-    LocalLoadTracker,
-    PendingLoad,
-    ReplicaLoad,
-    decode_score,
-    power_of_two_choices,
-    prefill_score,
-    request_cost,
-)
-
-__all__ += [
-    "LoadRouterPolicy",
-    "LocalLoadTracker",
-    "PendingLoad",
-    "ReplicaLoad",
-    "decode_score",
-    "power_of_two_choices",
-    "prefill_score",
-    "request_cost",
 ]
