@@ -16,7 +16,7 @@ load from other processes hits them alike, and the median step time is reported.
   `torch.autograd.graph.saved_tensors_hooks`), excluding parameters and the block input, which exist anyway;
 * block GFLOP/s: expert-matmul FLOPs (fwd + bwd, `kernels.moe.expert_flops`) divided by the whole block's step time;
 * expert GFLOP/s and % dense: the same FLOPs divided by the time of the expert compute alone (fixed routing; ours via
-  `kernels.moe.moe_experts`, transformers' via its `experts` module), as a fraction of this machine's dense fp32
+  `kernels.moe_experts`, transformers' via its `experts` module), as a fraction of this machine's dense fp32
   matmul rate measured in the same run ([4096, 1024] x [1024, 1024]).
 
 transformers' batched_mm gathers one [2F, D] and one [D, F] weight matrix per routed (token, k) pair; it is skipped
@@ -45,10 +45,10 @@ if __package__ in (None, ""):  # `python benchmarks/moe_layer.py`: make the repo
 import torch
 from torch import nn
 
-import kernels.moe as kmoe
+import ernie_platform.kernels.moe as kmoe
+from ernie_platform.kernels.moe import expert_flops, moe_experts
 from ernie_platform.models.config import ErnieModelArgs, MoEConfig
 from ernie_platform.models.moe import MoEBlock
-from kernels.moe import expert_flops, moe_experts
 
 PARITY_ATOL = 1e-4  # outputs
 GRAD_RTOL = 1e-4  # gradients, relative to the largest reference magnitude
@@ -265,7 +265,7 @@ class Impl:
     block: nn.Module
     hf: bool
     experts_fn: Callable[[], None]  # forward + backward of the expert compute alone, fixed routing
-    gemm_mode: Optional[str] = None  # kernels.moe.cpu_gemm_mode to run ours/torch under
+    gemm_mode: Optional[str] = None  # ernie_platform.kernels.moe.cpu_gemm_mode to run ours/torch under
 
     def __enter__(self) -> Impl:
         if self.gemm_mode is not None:
@@ -453,7 +453,7 @@ def code_revision() -> str:
             ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "kernels", "ernie_platform/models"],
+            ["git", "status", "--porcelain", "ernie_platform/kernels", "ernie_platform/models"],
             cwd=root,
             capture_output=True,
             text=True,
@@ -461,7 +461,7 @@ def code_revision() -> str:
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
-    return f"{head}{' + uncommitted changes in kernels/ or ernie_platform/models/' if dirty else ''}"
+    return f"{head}{' + uncommitted changes in ernie_platform/kernels/ or ernie_platform/models/' if dirty else ''}"
 
 
 def fmt_table(rows: list[Row], shapes: dict[str, Shape]) -> tuple[str, dict]:
@@ -568,7 +568,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
     if args.cpu_gemm_modes and DEFAULT_GEMM_MODE is None:
-        p.error("--cpu-gemm-modes: this kernels/moe.py has no cpu_gemm_mode")
+        p.error("--cpu-gemm-modes: this ernie_platform/kernels/moe.py has no cpu_gemm_mode")
     if args.quick:
         args.iters, args.warmup, args.budget_s = 2, 1, 5.0
         args.tokens = args.tokens or [QUICK_TOKENS]
@@ -585,7 +585,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         f"({torch.get_num_threads()} threads, MKL {torch.backends.mkl.is_available()}, "
         f"CPU capability {torch.backends.cpu.get_cpu_capability()}); transformers {transformers.__version__}"
     )
-    print(f"code: {code_revision()}; kernels.moe.cpu_gemm_mode default: {DEFAULT_GEMM_MODE}")
+    print(f"code: {code_revision()}; ernie_platform.kernels.moe.cpu_gemm_mode default: {DEFAULT_GEMM_MODE}")
     dense = DenseMatmul()
     print(f"dense fp32 matmul [4096,1024]x[1024,1024]: {dense.gflops(5):.1f} GFLOP/s (re-measured per shape)")
     for s in args.shapes:

@@ -29,7 +29,7 @@ if __package__ in (None, ""):
 import torch
 
 from benchmarks.moe_layer import HF_IMPLS, Shape, build_hf, build_ours, seed_all, step
-from kernels.moe import expert_flops, moe_experts
+from ernie_platform.kernels.moe import expert_flops, moe_experts
 
 SHAPES = {
     "21b-like": Shape("21b-like", hidden=1024, ffn=512, experts=64, top_k=6, shared=0, tokens=(4096, 16384)),

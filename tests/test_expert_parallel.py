@@ -13,9 +13,7 @@ import ray
 import ray.cloudpickle
 import torch
 
-from ernie_platform.models import ErnieForCausalLM
-from ernie_platform.models.config import ErnieModelArgs, MoEConfig
-from kernels.expert_parallel import (
+from ernie_platform.kernels.expert_parallel import (
     ExpertParallel,
     allreduce_gradients,
     apply_placement,
@@ -32,6 +30,8 @@ from kernels.expert_parallel import (
     validate_phy2log,
     validate_placement,
 )
+from ernie_platform.models import ErnieForCausalLM
+from ernie_platform.models.config import ErnieModelArgs, MoEConfig
 
 MODEL_KW = dict(
     vocab_size=64,

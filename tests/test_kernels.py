@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels.moe as kmoe
-from kernels import BACKENDS, moe_experts, plan_routing
+import ernie_platform.kernels.moe as kmoe
+from ernie_platform.kernels import BACKENDS, moe_experts, plan_routing
 
 ATOL = 1e-6
 RTOL = 1e-5
@@ -40,7 +40,7 @@ def _impls() -> list[str]:
 
 @pytest.fixture(params=_impls())
 def backend(request, monkeypatch) -> str:
-    """A backend under test; for torch, with `kernels.moe.cpu_gemm_mode` set to the mode in the id."""
+    """A backend under test; for torch, with `ernie_platform.kernels.moe.cpu_gemm_mode` set to the mode in the id."""
     name, _, mode = request.param.partition("-")
     if mode and mode != "default":
         monkeypatch.setattr(kmoe, "cpu_gemm_mode", mode)

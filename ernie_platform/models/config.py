@@ -245,7 +245,7 @@ class ErnieModelArgs:
 class MoEConfig:
     """Runtime MoE settings: expert-compute backend and router losses (not stored in checkpoints)."""
 
-    backend: str = "torch"  # torch | eager | megablocks (see kernels/)
+    backend: str = "torch"  # torch | eager | megablocks (see ernie_platform/kernels/)
     aux_loss_coef: float = 0.01  # load-balancing loss E * sum_e f_e * P_e
     z_loss_coef: float = 0.0  # router z-loss, off by default
     orthogonal_loss_coef: float = 0.0  # ERNIE router orthogonal loss, off by default

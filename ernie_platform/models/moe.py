@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ernie_platform.kernels import moe_experts
 from ernie_platform.models.config import ErnieModelArgs, MoEConfig
-from kernels import moe_experts
 
 
 def load_balance_loss(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor) -> torch.Tensor:
@@ -88,7 +88,7 @@ class Router(nn.Module):
 
 
 class MoEBlock(nn.Module):
-    """Routed experts (dropless, via kernels/) plus optional shared experts that see every token."""
+    """Routed experts (dropless, via ernie_platform/kernels/) plus optional shared experts that see every token."""
 
     def __init__(self, args: ErnieModelArgs, moe_cfg: MoEConfig):
         super().__init__()

@@ -108,7 +108,7 @@ def _allreduce_sum_tensors(tensors: dict[str, torch.Tensor], world: int) -> dict
 @torch.no_grad()
 def _clip_expert_parallel(model: torch.nn.Module, max_norm: float, ep_group: Any) -> float:
     """Global gradient norm with expert shards (squared shard norms summed over the EP group); clips in place."""
-    from kernels.expert_parallel import expert_grad_sq_sum, expert_parameters
+    from ernie_platform.kernels.expert_parallel import expert_grad_sq_sum, expert_parameters
 
     experts = {id(p) for p in expert_parameters(model)}
     dense_sq = torch.zeros((), dtype=torch.float64)
@@ -188,7 +188,7 @@ def _export(engine: Any, cfg: dict[str, Any], tokenizer: Any, rank: int, ep: int
     target = export_dir(cfg)
     model = engine.module
     if ep > 1:
-        from kernels.expert_parallel import gather_experts
+        from ernie_platform.kernels.expert_parallel import gather_experts
 
         gather_experts(model)
     if engine.zero_optimization_stage() == 3:
@@ -266,8 +266,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ep_group = edp_group = placement = None
     saved_shards: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
     if ep > 1:
+        from ernie_platform.kernels.expert_parallel import expert_parameters, new_expert_parallel_groups, shard_experts
         from ernie_platform.training.placement import ExpertPlacement, initial_tables
-        from kernels.expert_parallel import expert_parameters, new_expert_parallel_groups, shard_experts
 
         if vl:
             raise ValueError("moe.expert_parallel_size > 1 is implemented for text MoE models only")
@@ -381,7 +381,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             out = engine(**batch)
             engine.backward(out.loss)
             if engine.is_gradient_accumulation_boundary() and ep > 1:
-                from kernels.expert_parallel import allreduce_gradients
+                from ernie_platform.kernels.expert_parallel import allreduce_gradients
 
                 allreduce_gradients(engine.module, None, edp_group)
                 interval["grad_norm"] += _clip_expert_parallel(engine.module, float(t["grad_clip"]), ep_group)

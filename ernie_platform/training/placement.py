@@ -80,7 +80,7 @@ class ExpertPlacement:
         self.plans = 0
 
     def tables(self, model: torch.nn.Module) -> torch.Tensor:
-        from kernels.expert_parallel import placement_tables
+        from ernie_platform.kernels.expert_parallel import placement_tables
 
         return torch.stack(placement_tables(model))
 
@@ -107,7 +107,7 @@ class ExpertPlacement:
     def rebalance(self, model: torch.nn.Module, optimizer: Any) -> dict[str, float]:
         """Collective over all ranks: re-plan from the loads since the last plan and move the experts."""
         from ernie_platform.balance import align_to_previous, rebalance_experts
-        from kernels.expert_parallel import apply_placement
+        from ernie_platform.kernels.expert_parallel import apply_placement
 
         loads_LE = self.loads_LE.clone()
         dist.all_reduce(loads_LE)
@@ -129,7 +129,7 @@ class ExpertPlacement:
     # ---- checkpoint ------------------------------------------------------------------------------------------------
 
     def save(self, model: torch.nn.Module, optimizer: Any, directory: Path, rank: int) -> None:
-        from kernels.expert_parallel import expert_parameters, optimizer_moments
+        from ernie_platform.kernels.expert_parallel import expert_parameters, optimizer_moments
 
         names = {id(p): n for n, p in model.named_parameters()}
         params, moments = {}, {}
@@ -143,7 +143,7 @@ class ExpertPlacement:
 
     @torch.no_grad()
     def load(self, model: torch.nn.Module, optimizer: Any, directory: Path, rank: int) -> None:
-        from kernels.expert_parallel import optimizer_state
+        from ernie_platform.kernels.expert_parallel import optimizer_state
 
         path = Path(directory) / EXPERT_FILE.format(rank=rank)
         if not path.is_file():

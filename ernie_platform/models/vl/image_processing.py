@@ -1,7 +1,8 @@
 """ERNIE-4.5-VL image preprocessing (PIL + NumPy + torch; no torchvision, no transformers at runtime).
 
 Produces the same `pixel_values` / `image_grid_thw` as transformers' `Ernie4_5_VLMoeImageProcessorPil`
-(transformers 5.x, `models/ernie4_5_vl_moe/image_processing_pil_ernie4_5_vl_moe.py`), bit for bit:
+(transformers 5.25.0, the version in requirements/lock-cpu.txt;
+`models/ernie4_5_vl_moe/image_processing_pil_ernie4_5_vl_moe.py`), bit for bit:
 
 1. Convert to RGB. PIL images with an alpha band (or a `transparency` entry) are alpha-composited onto white with
    `PIL.Image.alpha_composite`, others use `Image.convert("RGB")`. NumPy arrays (H, W, C) uint8: 1 channel is

@@ -22,8 +22,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ernie_platform.kernels import moe_experts
 from ernie_platform.models.moe import Router, SwiGLU, load_balance_loss, router_orthogonal_loss, router_z_loss
-from kernels import moe_experts
 
 MODALITIES = ("text", "vision")
 
@@ -48,7 +48,7 @@ class VLMoEArgs:
 
 
 class ExpertPool(nn.Module):
-    """One modality's router and routed experts (dropless, via kernels/)."""
+    """One modality's router and routed experts (dropless, via ernie_platform/kernels/)."""
 
     def __init__(self, hidden: int, num_experts: int, top_k: int, ffn: int, norm_min: float, backend: str):
         super().__init__()

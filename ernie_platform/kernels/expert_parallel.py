@@ -1,6 +1,6 @@
 """Expert parallelism (EP): each MoE layer's experts split across the ranks of an EP process group.
 
-Shape legend (suffixes on tensor names), as in kernels/moe.py:
+Shape legend (suffixes on tensor names), as in ernie_platform/kernels/moe.py:
     T  tokens on this rank         D  model (hidden) width
     K  experts chosen per token    E  experts in the pool (global)
     F  expert FFN width            N  routed (token, k) pairs sent by this rank = T * K
@@ -54,7 +54,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kernels.ep_gradients import (
+from ernie_platform.kernels.ep_gradients import (
     _moe_blocks,
     allreduce_gradients,
     expert_grad_sq_sum,
@@ -62,7 +62,7 @@ from kernels.ep_gradients import (
     new_expert_parallel_groups,
     sync_replica_gradients,
 )
-from kernels.ep_tables import (
+from ernie_platform.kernels.ep_tables import (
     experts_per_rank,
     identity_placement,
     local_experts,
@@ -71,7 +71,7 @@ from kernels.ep_tables import (
     validate_phy2log,
     validate_placement,
 )
-from kernels.moe import moe_experts
+from ernie_platform.kernels.moe import moe_experts
 
 ProcessGroup = Optional[dist.ProcessGroup]  # None: the default (world) group, as in torch.distributed
 

@@ -15,7 +15,9 @@ ProcessGroup = Optional[dist.ProcessGroup]  # None: the default (world) group, a
 
 
 def _moe_blocks(model: nn.Module) -> list[nn.Module]:
-    from ernie_platform.models.moe import MoEBlock  # kernels/ does not import the model package at import time
+    from ernie_platform.models.moe import (
+        MoEBlock,  # ernie_platform/kernels/ does not import the model package at import time
+    )
 
     return [m for m in model.modules() if isinstance(m, MoEBlock)]
 

@@ -1,6 +1,6 @@
 """MoE compute kernels (dropless expert MLPs) and expert parallelism; see kernels/moe.py for the shape legend."""
 
-from kernels.expert_parallel import (
+from ernie_platform.kernels.expert_parallel import (
     ExpertParallel,
     allreduce_gradients,
     expert_parameters,
@@ -13,7 +13,7 @@ from kernels.expert_parallel import (
     slot_location,
     validate_placement,
 )
-from kernels.moe import BACKENDS, RoutingPlan, moe_experts, plan_routing
+from ernie_platform.kernels.moe import BACKENDS, RoutingPlan, moe_experts, plan_routing
 
 __all__ = [
     "BACKENDS",

@@ -1,5 +1,5 @@
 """Expert-parallel slot tables: which physical slot (hence which EP rank) holds which expert. Pure tensor math, no
-collectives; the shape legend and the placement rules are in kernels/expert_parallel.py."""
+collectives; the shape legend and the placement rules are in ernie_platform/kernels/expert_parallel.py."""
 
 from __future__ import annotations
 
