@@ -4,8 +4,8 @@
 
 1. resolve the config to plain containers here in the driver (`${hydra:...}` and `${run.storage_path}` do not
    resolve inside Ray workers) and make `run.storage_path` absolute;
-2. connect to Ray: the cluster in `RAY_ADDRESS` (set by `ray job submit`) or a running local `ray start` cluster,
-   else a new local instance;
+2. connect to Ray (`ernie_platform.runtime.connect_ray`): the cluster in `RAY_ADDRESS` (set by `ray job submit`) or
+   a running local `ray start` cluster, else a new local instance; an address that does not answer fails fast;
 3. open the MLflow run of `run.name` (`tracking.open_run`: created, or reopened by a rerun);
 4. build the Ray Data dataset for file sources (every worker reads the full ordered stream and keeps its share, so
    the data position is exactly resumable: `ernie_platform.data.pipeline`);
@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 import sys
 import threading
 import time
@@ -29,6 +28,7 @@ from typing import Any, Callable
 import ray
 from omegaconf import DictConfig, OmegaConf
 
+from ernie_platform.runtime import RayConnectionError, connect_ray
 from ernie_platform.training.loop import export_dir, train_loop_per_worker
 from ernie_platform.training.stages import start_plan
 from ernie_platform.training.tracking import close_run, default_tracking_uri, open_run
@@ -46,27 +46,6 @@ def resolve(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         if stage.get("init_from") and "://" not in stage["init_from"]:
             stage["init_from"] = str(Path(stage["init_from"]).expanduser().resolve())
     return plain
-
-
-def connect_ray(cpus_needed: int) -> str:
-    """Connect to a reachable cluster (`RAY_ADDRESS`, else a running local one), else start a local instance.
-
-    `RAY_ADDRESS=local` forces a new local instance even when a cluster is running on this machine."""
-    if ray.is_initialized():
-        return "already connected"
-    address = os.environ.get("RAY_ADDRESS")
-    if address and address != "local":
-        ray.init()
-        return f"cluster at {address}"
-    if address != "local":
-        try:
-            ray.init(address="auto")
-            return "running local cluster"
-        except ConnectionError:
-            pass
-    # Logical CPUs: the workers take one each; one more leaves room for Ray Data's read tasks and the progress actor.
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus_needed + 1), include_dashboard=False)
-    return "new local instance"
 
 
 def _fmt_time(seconds: float) -> str:
@@ -115,7 +94,12 @@ def run_train_job(
 
     t, run = plain["trainer"], plain["run"]
     name = run["name"]
-    where = connect_ray(int(math.ceil(int(t["num_workers"]) * int(t["cpus_per_worker"]) + extra_cpus)))
+    try:
+        where = connect_ray(int(math.ceil(int(t["num_workers"]) * int(t["cpus_per_worker"]) + extra_cpus)))
+    except RayConnectionError as exc:
+        # JobFailed is what the workloads' __main__ turn into exit status 1 without a traceback; the message is the fix.
+        print(f"[{name}] {exc}", file=sys.stderr, flush=True)
+        raise JobFailed(str(exc)) from exc
     print(f"[{name}] Ray: {where}; {t['num_workers']} workers; storage {run['storage_path']}", flush=True)
     print(f"[{name}] {plan_line}", flush=True)
 
@@ -228,4 +212,4 @@ class ProgressBoard:
         return self.latest
 
 
-__all__ = ["JobFailed", "connect_ray", "progress_line", "resolve", "run_pretraining", "run_train_job"]
+__all__ = ["JobFailed", "progress_line", "resolve", "run_pretraining", "run_train_job"]
