@@ -7,7 +7,7 @@ address without end (`Failed to connect to GCS at address ...`), and a head that
 crashed, OOM-killed) leaves its address in `<ray temp dir>/ray_current_cluster`, which `address="auto"` trusts.
 
 - `RAY_ADDRESS` unset: the recorded cluster if it answers; a stale record gets one line on stderr and a new local
-  instance; no record: any local cluster Ray finds on its own, else a new local instance.
+  instance; no record: a new local instance (not another driver's in-process instance that Ray could find).
 - `RAY_ADDRESS=local`: always a new local instance.
 - `RAY_ADDRESS=<host:port>`, `ray://<host>[:port]` or `auto`: that cluster (`auto`: the recorded one); if it does not
   answer, `RayConnectionError` within a few seconds instead of a hang.
@@ -167,7 +167,8 @@ def _start_local(cpus_needed: int) -> str:
 
 def connect_ray(cpus_needed: int) -> str:
     """Connect to Ray and say how: "already connected", "cluster at <RAY_ADDRESS>", "running cluster at <addr>",
-    "running local cluster" or "new local instance" (callers compare against the last one).
+    "running local cluster" (RAY_ADDRESS=auto without a record) or "new local instance" (callers compare against the
+    last one).
 
     `RAY_ADDRESS=<addr>` / `auto` must answer (else `RayConnectionError`, fast); unset, a recorded cluster that does
     not answer is reported in one line and replaced by a new local instance; `RAY_ADDRESS=local` forces a new local
@@ -213,16 +214,19 @@ def connect_ray(cpus_needed: int) -> str:
         )
         return _start_local(cpus_needed)
 
-    # No record: "auto" still finds a cluster whose processes run on this machine (Ray looks for them with ps; they
+    if address != "auto":
+        # No record and no address: a new local instance. Ray's "auto" would also search `ps` for GCS processes and
+        # join the first one, which without a record is another driver's in-process instance (a test run, a
+        # notebook): it ends when that driver exits and takes this job with it.
+        return _start_local(cpus_needed)
+    # RAY_ADDRESS=auto asks for a running cluster explicitly: let Ray search this machine's processes for one (they
     # are alive, so this does not hang); with nothing found it raises ConnectionError at once.
     try:
         ray.init(address="auto")
         return "running local cluster"
     except ConnectionError as exc:
-        if address == "auto":
-            raise RayConnectionError(
-                f"RAY_ADDRESS=auto: no running Ray cluster found on this machine (no {ray_address_file()}; {exc}). "
-                "Start one with `ray start --head`, set RAY_ADDRESS to a live cluster, or unset RAY_ADDRESS (or "
-                "RAY_ADDRESS=local) for a new local instance."
-            ) from None
-    return _start_local(cpus_needed)
+        raise RayConnectionError(
+            f"RAY_ADDRESS=auto: no running Ray cluster found on this machine (no {ray_address_file()}; {exc}). "
+            "Start one with `ray start --head`, set RAY_ADDRESS to a live cluster, or unset RAY_ADDRESS (or "
+            "RAY_ADDRESS=local) for a new local instance."
+        ) from None
