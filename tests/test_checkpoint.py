@@ -113,3 +113,65 @@ def test_bf16_load_keeps_router_fp32(ckpt: Path) -> None:
         "dtype"
     ] == "bfloat16"
     assert load_pretrained(ckpt.parent / "bf16").model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+# ---- damaged files: the error names the file and what is wrong ------------------------------------------------------
+
+
+def test_truncated_safetensors_is_named(ckpt: Path) -> None:
+    weights = ckpt / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])  # an interrupted download or copy
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated or not a safetensors file") as err:
+        load_pretrained(ckpt)
+    assert str(weights) in str(err.value) and "incomplete metadata" in str(err.value)
+    assert f"{len(data) // 2:,} bytes on disk" in str(err.value)
+
+
+def test_not_a_safetensors_file_is_named(ckpt: Path) -> None:
+    (ckpt / "model.safetensors").write_bytes(b"<html>404 Not Found</html>")  # a saved error page
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated or not a safetensors file \(header"):
+        load_pretrained(ckpt)
+
+
+@pytest.fixture()
+def sharded(tmp_path: Path) -> Path:
+    path = save_pretrained(ErnieForCausalLM(ARGS), tmp_path / "sharded", max_shard_bytes=16 * 1024)
+    assert (path / "model.safetensors.index.json").is_file() and len(list(path.glob("model-*.safetensors"))) > 2
+    return path
+
+
+def test_sharded_checkpoint_loads(sharded: Path) -> None:
+    load_pretrained(sharded)
+
+
+def test_malformed_index_names_file_line_and_column(sharded: Path) -> None:
+    index = sharded / "model.safetensors.index.json"
+    text = index.read_text()
+    index.write_text(text[: len(text) // 2])  # cut mid-file
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json:\d+:\d+: invalid JSON") as err:
+        load_pretrained(sharded)
+    assert str(index) in str(err.value)
+    index.write_text('{\n  "metadata": {},\n  "weight_map": {"a": "model-00001-of-00009.safetensors",}\n}')
+    with pytest.raises(CheckpointError, match=r"index\.json:3:58: invalid JSON: Expecting property name"):
+        load_pretrained(sharded)
+    index.write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(CheckpointError, match=r'index\.json: no "weight_map" object'):
+        load_pretrained(sharded)
+    index.write_text(json.dumps({"weight_map": {"lm_head.weight": "../elsewhere.safetensors"}}))
+    with pytest.raises(CheckpointError, match=r"weight_map names \['../elsewhere.safetensors'\], which are not file"):
+        load_pretrained(sharded)
+
+
+def test_missing_shard_is_named(sharded: Path) -> None:
+    shard = sorted(sharded.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=rf"index\.json names shard\(s\) that do not exist .*'{shard.name}'"):
+        load_pretrained(sharded)
+
+
+def test_truncated_shard_is_named(sharded: Path) -> None:
+    shard = sorted(sharded.glob("model-*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: truncated or not a safetensors file"):
+        load_pretrained(sharded)

@@ -244,6 +244,232 @@ def test_mlflow_server_and_tracking_uri() -> None:
             assert env.get("MLFLOW_TRACKING_URI") == uri, f"{f}: {g.get('groupName', 'head')}"
 
 
+# --- security: restricted pods, Secrets, MLflow basic auth -----------------------------------------------------------
+
+RAY_UID = 1000  # the user `ray` of the rayproject/ray base images (docker/Dockerfile*: USER ray)
+DOCS_K8S = REPO / "docs" / "kubernetes.md"
+
+
+def _pod_specs(node: Any, where: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every PodSpec (a mapping with `containers`) anywhere in a manifest, with its path: Deployment templates, Ray
+    head/worker group templates, RayJob submitter templates — whatever a future manifest adds."""
+    if isinstance(node, dict):
+        if isinstance(node.get("containers"), list):
+            yield where, node
+        for k, v in node.items():
+            yield from _pod_specs(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _pod_specs(v, f"{where}[{i}]")
+
+
+def restricted_violations(pod: dict[str, Any], extra: dict[str, dict[str, Any]] | None = None) -> list[str]:
+    """What keeps each container of `pod` (plus `extra`: name -> container securityContext of containers KubeRay
+    injects, e.g. the autoscaler) from Kubernetes' "restricted" profile, with uid 1000."""
+    psc = pod.get("securityContext") or {}
+    containers = {c["name"]: c.get("securityContext") or {} for c in pod["containers"] + pod.get("initContainers", [])}
+    containers.update(extra or {})
+    out = []
+    for name, csc in containers.items():
+        eff = {**{k: psc[k] for k in ("runAsNonRoot", "runAsUser", "seccompProfile") if k in psc}, **csc}
+        if eff.get("runAsNonRoot") is not True:
+            out.append(f"{name}: runAsNonRoot is not true")
+        if eff.get("runAsUser") != RAY_UID:
+            out.append(f"{name}: runAsUser is {eff.get('runAsUser')}, not {RAY_UID}")
+        if csc.get("allowPrivilegeEscalation") is not False:
+            out.append(f"{name}: allowPrivilegeEscalation is not false")
+        caps = csc.get("capabilities") or {}
+        if "ALL" not in (caps.get("drop") or []) or caps.get("add"):
+            out.append(f"{name}: capabilities do not drop ALL (or add some)")
+        if csc.get("privileged"):
+            out.append(f"{name}: privileged")
+        if (eff.get("seccompProfile") or {}).get("type") != "RuntimeDefault":
+            out.append(f"{name}: seccompProfile is not RuntimeDefault")
+    return out
+
+
+def _all_pods() -> list[tuple[str, dict[str, Any], dict[str, dict[str, Any]]]]:
+    """(id, pod spec, injected containers' securityContexts) of every pod template in infra/k8s."""
+    pods = []
+    for f, doc in DOCS:
+        spec = doc.get("spec") or {}
+        cluster = spec.get("rayClusterConfig") or spec.get("rayClusterSpec") or spec
+        autoscaler = cluster.get("autoscalerOptions") if doc["kind"] in ("RayCluster", "RayService", "RayJob") else None
+        for where, pod in _pod_specs(doc):
+            extra = {}
+            if autoscaler is not None and where.endswith("headGroupSpec.template.spec"):
+                extra["autoscaler"] = autoscaler.get("securityContext") or {}
+            pods.append((f"{_id((f, doc))}:{where}", pod, extra))
+    return pods
+
+
+PODS = _all_pods()
+
+
+def test_pod_inventory() -> None:
+    """Every kind that makes pods is covered: the MLflow Deployment, Ray head and worker groups, RayJob submitters."""
+    found = [(d["kind"], where) for _, d in DOCS for where, _ in _pod_specs(d)]
+    assert ("Deployment", "spec.template.spec") in found
+    for kind, prefix in (("RayCluster", "spec"), ("RayService", "spec.rayClusterConfig")):
+        assert (kind, f"{prefix}.headGroupSpec.template.spec") in found
+        assert (kind, f"{prefix}.workerGroupSpecs[0].template.spec") in found
+    # Without submitterPodTemplate KubeRay runs `ray job submit` in a default pod that has no securityContext.
+    submitters = [w for k, w in found if k == "RayJob" and w == "spec.submitterPodTemplate.spec"]
+    assert len(submitters) == len(_of_kind("RayJob")), "a RayJob without submitterPodTemplate"
+    assert len(PODS) == len(found)
+
+
+@pytest.mark.parametrize(("where", "pod", "extra"), PODS, ids=[p[0] for p in PODS])
+def test_pods_are_restricted(where: str, pod: dict[str, Any], extra: dict[str, dict[str, Any]]) -> None:
+    assert not restricted_violations(pod, extra), f"{where}: {restricted_violations(pod, extra)}"
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda p: p["securityContext"].pop("runAsNonRoot"),
+        lambda p: p["securityContext"].__setitem__("runAsUser", 0),
+        lambda p: p["securityContext"].pop("seccompProfile"),
+        lambda p: p["containers"][0]["securityContext"].pop("allowPrivilegeEscalation"),
+        lambda p: p["containers"][0]["securityContext"]["capabilities"].__setitem__("drop", ["NET_RAW"]),
+        lambda p: p["containers"][0]["securityContext"]["capabilities"].__setitem__("add", ["SYS_ADMIN"]),
+        lambda p: p["containers"][0]["securityContext"].__setitem__("privileged", True),
+        lambda p: p.setdefault("initContainers", []).append({"name": "init", "image": "x"}),
+    ],
+)
+def test_restricted_check_catches(mutate: Any) -> None:
+    pod = copy.deepcopy(PODS[0][1])
+    assert not restricted_violations(pod)
+    mutate(pod)
+    assert restricted_violations(pod)
+
+
+def _env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def _secret_ref(env: dict[str, Any] | None) -> tuple[str, str] | None:
+    """(secret, key) of an env entry set from a Secret, required (pods do not start without it); else None."""
+    ref = ((env or {}).get("valueFrom") or {}).get("secretKeyRef")
+    if not ref or "value" in (env or {}) or ref.get("optional"):
+        return None
+    return ref["name"], ref["key"]
+
+
+def test_serve_api_key_from_secret() -> None:
+    """Every container of every RayService (an Ingress replica may land on any of them) has the bearer key from a
+    Secret, and no manifest carries the key itself."""
+    services = _of_kind("RayService")
+    assert services
+    for f, doc in services:
+        for where, pod in _pod_specs(doc):
+            for c in pod["containers"]:
+                ref = _secret_ref(_env(c).get("ERNIE_API_KEY"))
+                assert ref == ("ernie-serve-api-key", "api-key"), f"{f}:{where}/{c['name']}: ERNIE_API_KEY is {ref}"
+        (app,) = serve_config(doc)["applications"]
+        assert "serve.api_key" not in app.get("args", {}), f"{f}: a plaintext serve.api_key in the manifest"
+
+
+def test_serve_api_key_env_is_the_one_the_app_reads() -> None:
+    auth = pytest.importorskip("ernie_platform.serving.auth")
+    assert auth.API_KEY_ENV == "ERNIE_API_KEY", "the RayService manifests set ERNIE_API_KEY"
+
+
+def _mlflow() -> tuple[dict[str, Any], dict[str, Any]]:
+    (dep,) = [d for _, d in _of_kind("Deployment") if d["metadata"]["name"] == "ernie-mlflow"]
+    pod = dep["spec"]["template"]["spec"]
+    return pod, pod["containers"][0]
+
+
+def _load_mlflow_module(name: str) -> Any:
+    """A module of mlflow/server/auth loaded from its file: importing the package needs Flask-WTF (the `auth` extra),
+    which the test environment does not have; these two modules need only mlflow itself."""
+    import mlflow
+
+    path = Path(mlflow.__file__).parent / "server" / "auth" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_k8s_test_mlflow_auth_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mlflow_basic_auth(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`mlflow server --app-name basic-auth` with what MLflow 3.17's auth app reads (mlflow/server/auth): the admin
+    user and password (MLFLOW_AUTH_ADMIN_*) and the CSRF key (MLFLOW_FLASK_SERVER_SECRET_KEY) from a Secret, and an
+    ini file (MLFLOW_AUTH_CONFIG_PATH) from a mounted ConfigMap whose user database is on the persistent volume."""
+    pod, c = _mlflow()
+    argv = c.get("command", []) + c.get("args", [])
+    pairs = set(zip(argv, argv[1:]))
+    assert "--app-name=basic-auth" in argv or ("--app-name", "basic-auth") in pairs, f"no basic-auth app: {argv}"
+    env = _env(c)
+    for name, key in (("MLFLOW_AUTH_ADMIN_USERNAME", "username"), ("MLFLOW_AUTH_ADMIN_PASSWORD", "password"),
+                      ("MLFLOW_FLASK_SERVER_SECRET_KEY", "flask-secret-key")):  # fmt: skip
+        assert _secret_ref(env.get(name)) == ("ernie-mlflow-auth", key), name
+
+    # The ini file: mounted from a ConfigMap of this repo, parsed by MLflow's own reader.
+    ini_path = Path(env["MLFLOW_AUTH_CONFIG_PATH"]["value"])
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (cm_name,) = [volumes[mounts[str(ini_path.parent)]]["configMap"]["name"]]
+    (cm,) = [d for _, d in _of_kind("ConfigMap") if d["metadata"]["name"] == cm_name]
+    (tmp_path / ini_path.name).write_text(cm["data"][ini_path.name])
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(tmp_path / ini_path.name))
+    monkeypatch.setenv("MLFLOW_AUTH_ADMIN_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", "x" * 24)
+    auth = _load_mlflow_module("config").read_auth_config()
+    assert auth.admin_username == "admin" and auth.admin_password == "x" * 24  # the environment (Secret) is used
+    permissions = _load_mlflow_module("permissions")
+    assert auth.default_permission in permissions.ALL_PERMISSIONS
+    db = auth.database_uri.removeprefix("sqlite:///")
+    pvc_mounts = [m for m, n in mounts.items() if "persistentVolumeClaim" in volumes[n]]
+    assert auth.database_uri.startswith("sqlite:////") and any(db.startswith(m + "/") for m in pvc_mounts), (
+        f"the basic-auth user database {auth.database_uri} is not on a persistent volume ({pvc_mounts})"
+    )
+
+    (svc,) = [d for _, d in _of_kind("Service") if d["metadata"]["name"] == "ernie-mlflow"]
+    assert svc["spec"].get("type") == "ClusterIP", "the MLflow Service must stay inside the cluster"
+    # Every pod that logs to the tracking server signs in.
+    for f, doc in DOCS:
+        for where, p in _pod_specs(doc):
+            for ctr in p["containers"]:
+                e, at = _env(ctr), f"{f}:{where}/{ctr['name']}"
+                if "MLFLOW_TRACKING_URI" in e:
+                    assert _secret_ref(e.get("MLFLOW_TRACKING_USERNAME")) == ("ernie-mlflow-auth", "username"), at
+                    assert _secret_ref(e.get("MLFLOW_TRACKING_PASSWORD")) == ("ernie-mlflow-auth", "password"), at
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the image's lock lacks Flask-WTF, which `mlflow server --app-name basic-auth` imports: add the `auth` "
+    "extra (mlflow[auth]) to pyproject.toml and regenerate requirements/lock-*.txt with .ci/lock",
+)
+def test_image_lock_has_mlflow_auth_extra() -> None:
+    for lock in ("lock-cpu.txt", "lock-gpu.txt"):
+        text = (REPO / "requirements" / lock).read_text().lower()
+        assert "\nflask-wtf==" in text, f"requirements/{lock} has no flask-wtf"
+
+
+def test_referenced_secrets_are_documented() -> None:
+    """Every Secret a manifest needs is created, with every key it reads, by a `kubectl create secret generic` line
+    of docs/kubernetes.md (a missing Secret keeps the pods from starting)."""
+    needed: dict[str, set[str]] = {}
+    for _, doc in DOCS:
+        for _, pod in _pod_specs(doc):
+            for c in pod["containers"]:
+                for e in c.get("env", []):
+                    ref = ((e.get("valueFrom") or {}).get("secretKeyRef")) or None
+                    if ref:
+                        needed.setdefault(ref["name"], set()).add(ref["key"])
+    assert {"ernie-serve-api-key", "ernie-mlflow-auth"} <= set(needed)
+    text = DOCS_K8S.read_text().replace("\\\n", " ")
+    commands = [line for line in text.splitlines() if "kubectl create secret generic" in line]
+    for name, keys in needed.items():
+        cmd = [c for c in commands if f"kubectl create secret generic {name} " in c]
+        assert cmd, f"docs/kubernetes.md does not create the Secret {name}"
+        for key in keys:
+            assert f"--from-literal={key}=" in cmd[0] or f"--from-file={key}=" in cmd[0], f"{name}: key {key}"
+
+
 RUNS = "/mnt/runs"
 WORKLOADS = {"workloads.pretrain": "+stage=", "workloads.posttrain": "+algo="}  # module -> override it must have
 

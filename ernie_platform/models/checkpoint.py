@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ernie_platform.models.config import ErnieModelArgs, MoEConfig
@@ -70,13 +70,37 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{cfg_file}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
 
 
-def _weight_files(path: Path) -> list[Path]:
+def _read_index(file: Path) -> dict[str, str]:
+    """The `weight_map` (tensor name -> shard file) of a sharded checkpoint's index, checked for shape."""
+    try:
+        index = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(
+            f"{file}:{e.lineno}:{e.colno}: invalid JSON: {e.msg} (a truncated download or a hand edit?)"
+        ) from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{file}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f'{file}: no "weight_map" object (tensor name -> shard file) in the index')
+    bad = sorted({str(v) for v in weight_map.values() if not isinstance(v, str) or not v or Path(v).name != v})
+    if bad:
+        # Shards are files of the checkpoint directory itself; anything else is a damaged (or hostile) index.
+        raise CheckpointError(f"{file}: weight_map names {bad[:5]}, which are not file names in {file.parent}")
+    return weight_map
+
+
+def weight_files(path: Union[str, os.PathLike]) -> list[Path]:
+    """The safetensors files of the checkpoint directory `path`: every shard its index names, or `model.safetensors`.
+
+    Checks only that the files exist (no tensor is read): `FileNotFoundError` naming what is missing, or
+    `CheckpointError` for a malformed index."""
+    path = Path(path)
     if (path / INDEX_FILE).is_file():
-        index = json.loads((path / INDEX_FILE).read_text())
-        files = sorted(set(index.get("weight_map", {}).values()))
+        files = sorted(set(_read_index(path / INDEX_FILE).values()))
         missing = [f for f in files if not (path / f).is_file()]
         if missing:
-            raise FileNotFoundError(f"{path / INDEX_FILE} names shard(s) that do not exist: {missing}")
+            raise FileNotFoundError(f"{path / INDEX_FILE} names shard(s) that do not exist in {path}: {missing}")
         return [path / f for f in files]
     if (path / SINGLE_FILE).is_file():
         return [path / SINGLE_FILE]
@@ -85,9 +109,23 @@ def _weight_files(path: Path) -> list[Path]:
     raise FileNotFoundError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
 
 
+def _open_safetensors(file: Path) -> Any:
+    """`safe_open(file)`, with safetensors' bare header errors ("incomplete metadata, file not fully covered",
+    "header too small" ...) turned into a `CheckpointError` that names the file and its size."""
+    try:
+        return safe_open(str(file), framework="pt")
+    except SafetensorError as e:
+        detail = str(e).removeprefix("Error while deserializing header: ")
+        size = file.stat().st_size
+        raise CheckpointError(
+            f"{file}: truncated or not a safetensors file ({detail}; {size:,} bytes on disk): re-download or "
+            "re-export it"
+        ) from None
+
+
 def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, Any, Path]]:
     for file in files:
-        with safe_open(str(file), framework="pt") as f:
+        with _open_safetensors(file) as f:
             for key in f.keys():
                 yield key, f, file
 
@@ -124,7 +162,7 @@ def load_pretrained(
     hf_cfg = _read_config(path)
     if dtype is None:
         dtype = _DTYPES.get(str(hf_cfg.get("dtype") or hf_cfg.get("torch_dtype") or "float32"), torch.float32)
-    files = _weight_files(path)
+    files = weight_files(path)
     if hf_cfg.get("model_type") == "ernie4_5_vl_moe":
         from ernie_platform.models.vl.checkpoint import load_vl_pretrained
 

@@ -19,8 +19,9 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
-from ernie_platform.models.config import TEXT_MODEL_TYPES
+from ernie_platform.models.config import TEXT_MODEL_TYPES, VL_MODEL_TYPES
 from ernie_platform.posttrain.lora import LoRAConfig, LoRALinear, apply_lora, has_lora, lora_disabled
+from ernie_platform.training.preflight import check_checkpoint_dir
 
 
 @dataclass
@@ -51,8 +52,7 @@ def newest_export(storage_path: str, exclude: Optional[str] = None) -> Optional[
 def start_of(cfg: dict[str, Any], own_export: str) -> PolicyStart:
     path = cfg["model"].get("path")
     if path:
-        if not (Path(path) / "config.json").is_file():
-            raise FileNotFoundError(f"model.path={path}: no config.json there (not a checkpoint directory)")
+        check_checkpoint_dir("model.path", path)
         return PolicyStart(path, f"starting from model.path={path}")
     newest = newest_export(cfg["run"]["storage_path"], exclude=own_export)
     if newest:
@@ -62,6 +62,64 @@ def start_of(cfg: dict[str, Any], own_export: str) -> PolicyStart:
         f"no model.path and no text-model export under {cfg['run']['storage_path']}: starting from the demo model "
         f"{cfg['model'].get('name')} with RANDOM weights (post-training it learns the task from scratch)",
     )
+
+
+@dataclass
+class ChatTemplateChoice:
+    source: str  # "checkpoint" (the tokenizer's own), "builtin" (the built-in tokenizer's), "ernie45" (fallback)
+    message: str  # one log line saying which template the run uses and why
+
+
+def ensure_chat_template(tokenizer: Any, start: PolicyStart) -> ChatTemplateChoice:
+    """Give `tokenizer` (the one loaded for `start`) a chat template, or fail naming the checkpoint.
+
+    Post-training renders every example with `tokenizer.apply_chat_template`; many base checkpoints ship a tokenizer
+    without one, on which transformers raises only inside the Ray Train workers. Such a checkpoint of an ERNIE 4.5
+    text model (`model_type` ernie4_5 / ernie4_5_moe, the only ones post-training takes) gets ERNIE 4.5's template —
+    the one of the built-in tokenizer, which serving also falls back to (`serving.chat`); any other model type is
+    refused, since its conversation format cannot be guessed. The driver calls this before Ray starts
+    (`check_chat_template`), the workers again on the tokenizer they load, with the same outcome."""
+    from ernie_platform.inference.loading import has_tokenizer
+    from ernie_platform.models.tokenizer import CHAT_TEMPLATE
+
+    if getattr(tokenizer, "chat_template", None):
+        if start.path is None or not has_tokenizer(start.path):  # checkpoint_tokenizer fell back to the built-in one
+            return ChatTemplateChoice("builtin", "the built-in tokenizer's chat template (ERNIE 4.5's)")
+        return ChatTemplateChoice("checkpoint", f"the chat template of the tokenizer in {start.path}")
+    model_type = _model_type(start.path)
+    if model_type in TEXT_MODEL_TYPES:
+        tokenizer.chat_template = CHAT_TEMPLATE
+        return ChatTemplateChoice(
+            "ernie45",
+            f"the tokenizer in {start.path} has no chat template (none in tokenizer_config.json, no "
+            f"chat_template.jinja): using ERNIE 4.5's (ernie_platform.models.tokenizer.CHAT_TEMPLATE) for this "
+            f"{model_type} checkpoint",
+        )
+    raise ValueError(
+        f"model.path={start.path}: its tokenizer has no chat template, which post-training needs to render the "
+        f"conversations, and model_type={model_type!r} is not an ERNIE 4.5 text model ({', '.join(TEXT_MODEL_TYPES)}),"
+        f" so ERNIE 4.5's template is not assumed; add a `chat_template` to {start.path}/tokenizer_config.json (or "
+        "a chat_template.jinja file there)"
+    )
+
+
+def _model_type(path: Optional[str]) -> Optional[str]:
+    if path is None:
+        return None
+    try:
+        return json.loads((Path(path) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_chat_template(start: PolicyStart) -> ChatTemplateChoice:
+    """The driver's check, before Ray starts: the chat template the workers' tokenizer will have (or the error they
+    would hit, at once). Also refuses a VL checkpoint, which the workers would only find after loading it."""
+    from ernie_platform.inference.loading import checkpoint_tokenizer
+
+    if _model_type(start.path) in VL_MODEL_TYPES:
+        raise ValueError(f"{start.path}: a VL checkpoint; post-training supports text models (ernie4_5, ernie4_5_moe)")
+    return ensure_chat_template(checkpoint_tokenizer(start.path), start)
 
 
 def load_policy(cfg: dict[str, Any], start: PolicyStart) -> tuple[nn.Module, Any]:
@@ -77,6 +135,7 @@ def load_policy(cfg: dict[str, Any], start: PolicyStart) -> tuple[nn.Module, Any
     else:
         model = ErnieForCausalLM(to_model_args(cfg["model"]), moe_cfg)
     tokenizer = checkpoint_tokenizer(start.path)
+    ensure_chat_template(tokenizer, start)
     if getattr(model, "cfg", None) is not None and hasattr(model.cfg, "vision"):
         raise ValueError(f"{start.path}: a VL checkpoint; post-training supports text models (ernie4_5, ernie4_5_moe)")
     if len(tokenizer) > model.args.vocab_size:
@@ -158,8 +217,11 @@ def environment_threads(cpus: float) -> None:
 
 
 __all__ = [
+    "ChatTemplateChoice",
     "PolicyStart",
     "build_reference",
+    "check_chat_template",
+    "ensure_chat_template",
     "environment_threads",
     "frozen_copy",
     "load_policy",

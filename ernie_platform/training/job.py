@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ernie_platform.runtime import RayConnectionError, connect_ray
 from ernie_platform.training.loop import export_dir, train_loop_per_worker
+from ernie_platform.training.preflight import check_paths
 from ernie_platform.training.stages import start_plan
 from ernie_platform.training.tracking import close_run, default_tracking_uri, open_run
 
@@ -75,6 +76,7 @@ def _root_cause(exc: BaseException) -> str:
 def run_pretraining(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     """Run the configured pretraining job to the end; returns run id, tracking URI, export path and final metrics."""
     plain = resolve(cfg)
+    check_paths(plain)  # before Ray and the MLflow run: a wrong path fails here, naming its key
     return run_train_job(plain, train_loop_per_worker, start_plan(plain), ray_data=True)
 
 
