@@ -27,6 +27,11 @@ What is measured, in this order, on one machine:
   request generates exactly M tokens) from C concurrent clients in this process (aiohttp, raw SSE parsing: the
   openai client's per-chunk parsing would take CPU from the server on a 2-core machine).
 
+Repetition (`--runs R`, default 3): every (mode, concurrency) level is measured R times, interleaved (run 1 of every
+level, then run 2, ...), so that slow drift of the machine hits every level alike; the table reports each figure as
+the median over the R runs with its range [min-max], and a level has at least `--min-requests` (default 32)
+requests, so TTFT percentiles at concurrency 1 come from >= 32 requests per run.
+
 Per request: TTFT = request sent -> first chunk carrying a token; TPOT = (last token - first token) / (M - 1); ITL =
 gaps between chunks, a chunk of k tokens counting k gaps of 1/k each. Per level: output tok/s = generated tokens /
 wall time of the level, req/s likewise; percentiles over all requests (ITL: over all gaps).
@@ -71,6 +76,7 @@ class Level:
     tpot_ms: list[float] = field(default_factory=list)
     itl_ms: list[float] = field(default_factory=list)
     errors: int = 0
+    run: int = 1
 
     @property
     def tok_s(self) -> float:
@@ -255,27 +261,50 @@ def serve_levels(ckpt: str, args: argparse.Namespace, lens: list[int]) -> list[L
                         for mode, prefix in MODES.items()])  # fmt: skip
         print(f"serve: both apps up in {time.perf_counter() - t0:.1f} s (port {port})", flush=True)
         levels = []
-        for mode, prefix in MODES.items():
-            for conc in args.concurrency:
-                n = max(conc * args.rounds, args.min_requests)
-                lv = asyncio.run(run_level(f"http://127.0.0.1:{port}{prefix}/v1", Path(ckpt).name, f"serve {mode}",
-                                           conc, n, args.prompt_tokens, lens, min(conc, 4)))  # fmt: skip
-                print(f"  {lv.setting} conc {conc}: {lv.tok_s:,.0f} tok/s, TTFT p50 {pct(lv.ttft_ms, 50):.1f} ms",
-                      flush=True)  # fmt: skip
-                levels.append(lv)
+        for run in range(1, args.runs + 1):  # interleaved: run r of every level before run r + 1 of any
+            for mode, prefix in MODES.items():
+                for conc in args.concurrency:
+                    n = max(conc * args.rounds, args.min_requests)
+                    lv = asyncio.run(run_level(f"http://127.0.0.1:{port}{prefix}/v1", Path(ckpt).name,
+                                               f"serve {mode}", conc, n, args.prompt_tokens, lens, min(conc, 4)))
+                    lv.run = run
+                    print(f"  run {run}: {lv.setting} conc {conc}: {lv.tok_s:,.0f} tok/s, TTFT p50 "
+                          f"{pct(lv.ttft_ms, 50):.1f} ms", flush=True)  # fmt: skip
+                    levels.append(lv)
     return levels
 
 
 # ---- report ----------------------------------------------------------------------------------------------------------
+def med_range(xs: list[float], fmt: str) -> str:
+    """Median of the runs' values with their range: `m [lo-hi]` (just `m` for one run)."""
+    m = format(statistics.median(xs), fmt)
+    return m if len(xs) == 1 else f"{m} [{format(min(xs), fmt)}-{format(max(xs), fmt)}]"
+
+
 def table(levels: list[Level]) -> str:
-    head = ("| setting | conc | requests | req/s | output tok/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | ITL p50 ms "
-            "| ITL p99 ms | errors |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")  # fmt: skip
-    rows = [
-        f"| {lv.setting} | {lv.concurrency} | {lv.requests} | {lv.req_s:.2f} | {lv.tok_s:,.0f} | "
-        f"{pct(lv.ttft_ms, 50):.1f} | {pct(lv.ttft_ms, 99):.1f} | {pct(lv.tpot_ms, 50):.1f} | {pct(lv.itl_ms, 50):.1f} "
-        f"| {pct(lv.itl_ms, 99):.1f} | {lv.errors} |"
-        for lv in levels
-    ]
+    """One row per (setting, concurrency): each figure is the median over the runs, with the range in brackets."""
+    head = ("| setting | conc | runs | requests/run | req/s | output tok/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms "
+            "| ITL p50 ms | ITL p99 ms | errors |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    groups: dict[tuple[str, int], list[Level]] = {}
+    for lv in levels:
+        groups.setdefault((lv.setting, lv.concurrency), []).append(lv)
+    rows = []
+    for (setting, conc), runs in groups.items():
+        f = {
+            "req_s": [lv.req_s for lv in runs],
+            "tok_s": [lv.tok_s for lv in runs],
+            "ttft50": [pct(lv.ttft_ms, 50) for lv in runs],
+            "ttft99": [pct(lv.ttft_ms, 99) for lv in runs],
+            "tpot50": [pct(lv.tpot_ms, 50) for lv in runs],
+            "itl50": [pct(lv.itl_ms, 50) for lv in runs],
+            "itl99": [pct(lv.itl_ms, 99) for lv in runs],
+        }
+        rows.append(
+            f"| {setting} | {conc} | {len(runs)} | {runs[0].requests} | {med_range(f['req_s'], '.2f')} | "
+            f"{med_range(f['tok_s'], ',.0f')} | {med_range(f['ttft50'], '.1f')} | {med_range(f['ttft99'], '.1f')} | "
+            f"{med_range(f['tpot50'], '.1f')} | {med_range(f['itl50'], '.1f')} | {med_range(f['itl99'], '.1f')} | "
+            f"{sum(lv.errors for lv in runs)} |"
+        )
     return "\n".join([head, *rows])
 
 
@@ -285,7 +314,8 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=128, help="output tokens per request (ignore_eos)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--rounds", type=int, default=3, help="requests per level = max(conc x rounds, --min-requests)")
-    p.add_argument("--min-requests", type=int, default=8)
+    p.add_argument("--min-requests", type=int, default=32, help="at least this many requests per level and run")
+    p.add_argument("--runs", type=int, default=3, help="interleaved repetitions of every level (medians, ranges)")
     p.add_argument("--baseline-threads", type=int, nargs="+", default=None,
                    help="torch threads for transformers (default: 1 and the machine's default)")  # fmt: skip
     p.add_argument("--baseline-budget-s", type=float, default=120.0)
@@ -294,7 +324,7 @@ def main() -> None:
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
     if args.quick:
-        args.prompt_tokens, args.max_tokens, args.rounds, args.min_requests = 32, 16, 1, 4
+        args.prompt_tokens, args.max_tokens, args.rounds, args.min_requests, args.runs = 32, 16, 1, 4, 2
         args.baseline_budget_s = 20.0
     # Ray starts its workers (the replicas, the HTTP proxy) at niceness RAY_worker_niceness (15). Everything here runs
     # at the same priority, so background load from other processes takes its share from serving and baselines alike.
@@ -345,13 +375,14 @@ def main() -> None:
     for mode in MODES:
         top = [lv for lv in levels if lv.setting == f"serve {mode}" and lv.concurrency == max(args.concurrency)]
         one = [lv for lv in levels if lv.setting == f"serve {mode}" and lv.concurrency == 1]
-        if top:
-            x = top[0].tok_s / ref
-            verdicts.append(f"{mode}: conc {top[0].concurrency} {top[0].tok_s:,.0f} tok/s = {x:.2f}x transformers "
-                            f"({ref:,.0f} tok/s) -> {'PASS' if x >= TARGET_SPEEDUP else 'MISS'} (target >= "
-                            f"{TARGET_SPEEDUP:.0f}x)")  # fmt: skip
+        if top:  # medians over the runs
+            rate = statistics.median(lv.tok_s for lv in top)
+            x = rate / ref
+            verdicts.append(f"{mode}: conc {top[0].concurrency} {rate:,.0f} tok/s (median of {len(top)} runs) = "
+                            f"{x:.2f}x transformers ({ref:,.0f} tok/s) -> {'PASS' if x >= TARGET_SPEEDUP else 'MISS'} "
+                            f"(target >= {TARGET_SPEEDUP:.0f}x)")  # fmt: skip
         if one:
-            d = pct(one[0].ttft_ms, 50) - prefill_ms
+            d = statistics.median(pct(lv.ttft_ms, 50) for lv in one) - prefill_ms
             ok = "PASS" if d <= TARGET_TTFT_MS else "MISS"
             verdicts.append(f"{mode}: TTFT p50 at conc 1 = bare prefill + {d:.1f} ms -> {ok} (target <= "
                             f"+{TARGET_TTFT_MS:.0f} ms)")  # fmt: skip
