@@ -159,25 +159,44 @@ def probe_address(address: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
     return _grpc_health_probe(address, timeout)
 
 
-def _start_local(cpus_needed: int) -> str:
+def _start_local(cpus_needed: int, dashboard: bool) -> str:
     # Logical CPUs: the workers take one each; one more leaves room for Ray Data's read tasks and the progress actor.
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus_needed + 1), include_dashboard=False)
+    # The dashboard (loopback only, Ray's default host) serves Ray's State API, which Ray Train's PlacementGroupCleaner
+    # polls every second: without it that actor cannot tell whether the controller lives and logs a warning per poll.
+    kwargs: dict = {"include_dashboard": dashboard}
+    if dashboard:
+        # Pinned so that this job's processes can be told where it is: with no address, the State API client looks
+        # for "the" Ray instance on this machine and gives up when a second one runs (a test run, another job).
+        port = _free_loopback_port()
+        kwargs.update(
+            dashboard_host="127.0.0.1",
+            dashboard_port=port,
+            runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+        )
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus_needed + 1), **kwargs)
     return "new local instance"
 
 
-def connect_ray(cpus_needed: int) -> str:
+def _free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def connect_ray(cpus_needed: int, *, dashboard: bool = False) -> str:
     """Connect to Ray and say how: "already connected", "cluster at <RAY_ADDRESS>", "running cluster at <addr>",
     "running local cluster" (RAY_ADDRESS=auto without a record) or "new local instance" (callers compare against the
     last one).
 
     `RAY_ADDRESS=<addr>` / `auto` must answer (else `RayConnectionError`, fast); unset, a recorded cluster that does
     not answer is reported in one line and replaced by a new local instance; `RAY_ADDRESS=local` forces a new local
-    instance even when a cluster is running on this machine."""
+    instance even when a cluster is running on this machine. `dashboard`: a local instance started here runs Ray's
+    dashboard (and with it the State API), which Ray Train jobs need; serving does without."""
     if ray.is_initialized():
         return "already connected"
     address = os.environ.get("RAY_ADDRESS", "").strip()  # Ray treats an empty RAY_ADDRESS as unset
     if address == "local":
-        return _start_local(cpus_needed)
+        return _start_local(cpus_needed, dashboard)
 
     if address and address != "auto":
         problem = probe_address(address)
@@ -212,13 +231,13 @@ def connect_ray(cpus_needed: int) -> str:
             file=sys.stderr,
             flush=True,
         )
-        return _start_local(cpus_needed)
+        return _start_local(cpus_needed, dashboard)
 
     if address != "auto":
         # No record and no address: a new local instance. Ray's "auto" would also search `ps` for GCS processes and
         # join the first one, which without a record is another driver's in-process instance (a test run, a
         # notebook): it ends when that driver exits and takes this job with it.
-        return _start_local(cpus_needed)
+        return _start_local(cpus_needed, dashboard)
     # RAY_ADDRESS=auto asks for a running cluster explicitly: let Ray search this machine's processes for one (they
     # are alive, so this does not hang); with nothing found it raises ConnectionError at once.
     try:

@@ -233,3 +233,20 @@ def test_live_cluster_is_joined_then_its_stale_record_is_detected(ray_tmp: Path)
     while probe_address(address, timeout=1.0) is None and time.monotonic() < deadline:
         time.sleep(0.5)
     assert probe_address(address, timeout=1.0) is not None
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_pretraining_on_a_new_local_instance_logs_no_state_api_warnings(ray_tmp: Path) -> None:
+    """A healthy job on the local instance connect_ray starts prints no traceback and none of Ray Train's per-second
+    "Failed to query Ray Train Controller actor state" warnings: its PlacementGroupCleaner polls the State API, which
+    needs the dashboard, and with a second Ray instance on the machine (another test run) the State API client must
+    be told which one (RAY_API_SERVER_ADDRESS). Without both, ~1 warning per second of training, or one traceback."""
+    args = [sys.executable, "-m", "workloads.pretrain", "+stage=text", "model=ernie45_tiny_moe", "trainer.max_steps=20"]
+    args += [f"run.storage_path={ray_tmp}/runs", f"hydra.run.dir={ray_tmp}/hydra", "hydra.output_subdir=null"]
+    proc, _ = _run(args, _env(ray_tmp, RAY_ADDRESS="local"), 300.0)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "step 20/20" in out
+    assert "Failed to query Ray Train Controller" not in out, out[-4000:]
+    assert "Traceback" not in out, out[-4000:]

@@ -97,7 +97,8 @@ def run_train_job(
     t, run = plain["trainer"], plain["run"]
     name = run["name"]
     try:
-        where = connect_ray(int(math.ceil(int(t["num_workers"]) * int(t["cpus_per_worker"]) + extra_cpus)))
+        cpus = int(math.ceil(int(t["num_workers"]) * int(t["cpus_per_worker"]) + extra_cpus))
+        where = connect_ray(cpus, dashboard=True)  # Ray Train's placement-group cleaner reads the State API
     except RayConnectionError as exc:
         # JobFailed is what the workloads' __main__ turn into exit status 1 without a traceback; the message is the fix.
         print(f"[{name}] {exc}", file=sys.stderr, flush=True)
