@@ -350,8 +350,8 @@ def test_latest_export_picks_the_newest_servable(tmp_path: Path) -> None:
 def test_build_app_and_resolution_without_ray(tmp_path: Path) -> None:
     from workloads.serve.app import _overrides, build_app, compose_config
 
-    assert _overrides({"serve": {"mode": "pd", "api_key": None}, "serve.retries": 0, "x": True}) == [
-        "serve.mode=pd", "serve.api_key=null", "serve.retries=0", "x=true"]  # fmt: skip
+    assert _overrides({"serve": {"mode": "pd", "model_name": None}, "serve.retries": 0, "x": True}) == [
+        "serve.mode=pd", "serve.model_name=null", "serve.retries=0", "x=true"]  # fmt: skip
     cfg = compose_config({"run.storage_path": str(tmp_path), "serve.engine.max_seq_len": 99999})
     plain = resolve_serve_config(cfg)
     r = plain["serve"]["resolved"]

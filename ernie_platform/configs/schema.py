@@ -218,8 +218,14 @@ class ServeConfig:
     app_name: str = "ernie"
     route_prefix: str = "/"
     model_name: Optional[str] = None  # None: the checkpoint directory's name, or "ernie45-demo"
-    # Bearer key; None: no auth unless the ERNIE_SERVE_API_KEY environment variable is set (keeps it out of logs).
-    api_key: Optional[str] = None
+    # File holding the Bearer key (e.g. a mounted Secret); None: the ERNIE_API_KEY environment variable, else no auth.
+    # There is deliberately no `api_key` field: Hydra writes config values to outputs/ (ernie_platform/serving/auth.py).
+    api_key_file: Optional[str] = None
+    metrics_require_key: bool = False  # /metrics behind the key too (default: open, for scrapers)
+    # Request bodies above this are refused with 413 (from Content-Length before reading, else while reading).
+    max_request_bytes: int = 4 * 2**20
+    # Prompts tokenized at once per ingress replica (off the event loop, in a thread pool of that size).
+    max_concurrent_tokenizations: int = 2
     disagg_min_prompt_tokens: int = 32  # pd mode: shorter prompts prefill on the decode replica
     max_n: int = 8  # largest `n` a request may ask for
     default_max_tokens: int = 256  # chat requests without max_tokens (capped by the context left)

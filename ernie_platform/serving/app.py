@@ -6,10 +6,10 @@ its name and limits) and binds the deployment graph:
     pd:         Ingress(cfg, Prefill, Decode)      Prefill = EngineServer("prefill"), Decode = EngineServer("decode")
     colocated:  Ingress(cfg, None, Engine)         Engine = EngineServer("colocated")
 
-`run_server(cfg)` connects to Ray (`ernie_platform.training.job.connect_ray`: RAY_ADDRESS, a running local cluster,
-or a new local instance; RAY_ADDRESS=local forces a new one), starts Serve's HTTP proxy on serve.host:serve.port,
-deploys the app and blocks until SIGINT/SIGTERM, then deletes the app (and shuts Serve and Ray down when it started
-them).
+`run_server(cfg)` connects to Ray (`ernie_platform.runtime.connect_ray`: RAY_ADDRESS, a running local cluster,
+or a new local instance; RAY_ADDRESS=local forces a new one; an address that does not answer exits with its
+message), starts Serve's HTTP proxy on serve.host:serve.port, deploys the app and blocks until SIGINT/SIGTERM, then
+deletes the app (and shuts Serve and Ray down when it started them).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -27,12 +28,12 @@ from typing import Any, Optional, Union
 from omegaconf import DictConfig, OmegaConf
 
 from ernie_platform.models.config import TEXT_MODEL_TYPES, VL_MODEL_TYPES
+from ernie_platform.serving.auth import resolve_api_key
 
 log = logging.getLogger(__name__)
 
 SERVABLE_MODEL_TYPES = TEXT_MODEL_TYPES + VL_MODEL_TYPES
 DEMO_MODEL_NAME = "ernie45-demo"
-API_KEY_ENV = "ERNIE_SERVE_API_KEY"
 
 
 def latest_export(storage_path: str) -> Optional[Path]:
@@ -130,6 +131,10 @@ def validate_serve(s: dict[str, Any]) -> None:
     period = s.get("routing_stats_period_s", 1.0)
     if isinstance(period, bool) or not isinstance(period, (int, float)) or not 0 < period <= 600:
         raise bad("routing_stats_period_s", "must be a number of seconds in (0, 600]")
+    if int(s.get("max_request_bytes", 1)) < 1024:
+        raise bad("max_request_bytes", "must be >= 1024")
+    if int(s.get("max_concurrent_tokenizations", 1)) < 1:
+        raise bad("max_concurrent_tokenizations", "must be >= 1")
     if e["dtype"] not in (None, "float32", "bfloat16", "float16"):
         raise bad("engine.dtype", "is not valid (null, float32, bfloat16 or float16)")
     for name in ("ingress", "prefill", "decode", "colocated"):
@@ -143,6 +148,7 @@ def validate_serve(s: dict[str, Any]) -> None:
             raise bad(f"{name}.max_ongoing_requests", "must be >= 1")
 
 
+DEFAULT_MAX_REQUEST_BYTES = 4 * 2**20
 ROUTERS = ("load", "pow2")
 ROUTER_CLASSES = {  # serve.router=load: the request router of each engine deployment, by replica role
     "prefill": "ernie_platform.serving.router.PrefillLoadRouter",
@@ -179,6 +185,8 @@ def resolve_serve_config(cfg: Union[DictConfig, dict[str, Any]]) -> dict[str, An
     derived serving facts under `serve.resolved`."""
     plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else copy.deepcopy(dict(cfg))
     s = plain["serve"]
+    # first: a key in the config is refused before anything could print or store it
+    api_key = resolve_api_key(s)
     validate_serve(s)
     path = plain["model"].get("path")
     if path:
@@ -197,7 +205,7 @@ def resolve_serve_config(cfg: Union[DictConfig, dict[str, Any]]) -> dict[str, An
     s["resolved"] = {
         "model_path": path,
         "model_name": s["model_name"] or model_name_for(path),
-        "api_key": s["api_key"] or os.environ.get(API_KEY_ENV) or None,
+        "api_key": api_key,  # a `Secret` (repr masked) or None; never part of the composed config
         "max_seq_len": max_seq_len,
         "kv_budget_tokens": int(budget),
         "vocab_size": limits["vocab_size"],
@@ -268,6 +276,9 @@ def build_application(cfg: Union[DictConfig, dict[str, Any]]) -> Any:
         "retries": int(s["retries"]),
         "grpc_transport": bool(s["grpc_transport"]),
         "replicas": r["replicas"],
+        "max_request_bytes": int(s.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES)),
+        "max_concurrent_tokenizations": int(s.get("max_concurrent_tokenizations", 2)),
+        "metrics_require_key": bool(s.get("metrics_require_key", False)),
     }
 
     def dep(cls: Any, name: str, node: str, role: Optional[str] = None) -> Any:
@@ -300,7 +311,7 @@ def run_server(cfg: Union[DictConfig, dict[str, Any]]) -> None:
     import ray
     from ray import serve
 
-    from ernie_platform.training.job import connect_ray
+    from ernie_platform.runtime import RayConnectionError, connect_ray
 
     plain = resolve_serve_config(cfg)
     s, r = plain["serve"], plain["serve"]["resolved"]
@@ -309,7 +320,13 @@ def run_server(cfg: Union[DictConfig, dict[str, Any]]) -> None:
         # Read by the HTTP proxy of a Ray instance this process starts (inherited environment): proxy -> ingress
         # over gRPC too. A cluster we join keeps its own setting.
         os.environ.setdefault("RAY_SERVE_PROXY_USE_GRPC", "1")
-    where = connect_ray(cpus_needed(s))
+    try:
+        where = connect_ray(cpus_needed(s))
+    except RayConnectionError as exc:
+        # run_server is the body of `python -m workloads.serve`: the message says what to fix, so exit with it alone
+        # (Hydra would wrap an exception in a traceback).
+        print(f"[serve] {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     local = where == "new local instance"
     name = r["model_name"]
     print(f"[serve] Ray: {where}; model {name} ({r['model_path'] or 'demo model, random weights'}); "

@@ -75,7 +75,7 @@ def normalize_chat(messages: list[dict[str, Any]], is_vl: bool = False) -> tuple
         if not isinstance(m, dict):
             raise bad_request(f"messages[{i}] must be an object", f"messages[{i}]")
         role = m.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:  # (a list or dict is not hashable: no dict lookup)
             raise bad_request(
                 f"messages[{i}].role={role!r} is not supported (system, developer, user, assistant)",
                 f"messages[{i}].role",

@@ -12,6 +12,11 @@ in `chat`), check the context, then drive the engine deployments through handles
 A request whose engine replica dies is re-run (`retries`) when the client has not been sent anything yet
 (non-streamed requests: always; streams: before the first token); otherwise it ends with a clean error: a 503 body,
 or an SSE `data: {"error": ...}` event followed by `data: [DONE]` when the stream had already started.
+
+Hardening (issue #22): bodies over `max_request_bytes` are refused with 413 (from Content-Length before reading, else
+while reading); prompts are tokenized off the event loop in a bounded thread pool (`max_concurrent_tokenizations`),
+and a prompt too long to fit the context whatever its tokens is refused before tokenizing; `/v1/models` names the
+model, never its path; `/metrics` can require the key (`metrics_require_key`).
 """
 
 # No `from __future__ import annotations` here: Serve re-wraps the route methods, and FastAPI must see the real
@@ -22,18 +27,23 @@ import hmac
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional, TypeVar
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic.json_schema import models_json_schema
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ernie_platform.inference import SamplingParams
 from ernie_platform.serving import chat as chatfmt
 from ernie_platform.serving import responses as R
+from ernie_platform.serving.app import DEFAULT_MAX_REQUEST_BYTES
 from ernie_platform.serving.images import mm_prompt
 from ernie_platform.serving.metrics import ServingMetrics
 from ernie_platform.serving.protocol import (
@@ -50,8 +60,34 @@ from ernie_platform.serving.protocol import (
 log = logging.getLogger(__name__)
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 REPLICA_FAILURES = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
+# A prompt of more than this many characters per context token cannot fit whatever its tokens: each token covers at
+# most its vocabulary entry's length, and this factor leaves room for normalizers that compose characters.
+CHARS_PER_TOKEN_SLACK = 4
+T = TypeVar("T")
 
 app = FastAPI(title="ERNIE 4.5 OpenAI-compatible API", docs_url=None, redoc_url=None)
+BODY_MODELS = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatRequest}
+
+
+def openapi_schema() -> dict[str, Any]:
+    """FastAPI's schema plus the request bodies: the routes read the raw body (strict parsing with OpenAI-shaped
+    errors), so FastAPI cannot see them; clients and the API fuzz test (tests/test_serve_fuzz.py) read them here."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    _, defs = models_json_schema([(m, "validation") for m in BODY_MODELS.values()],
+                                 ref_template="#/components/schemas/{model}")  # fmt: skip
+    schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+    for path, model in BODY_MODELS.items():
+        op = schema.get("paths", {}).get(path, {}).get("post")
+        if op is not None:
+            ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+            op["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref}}}
+    app.openapi_schema = schema
+    return schema
+
+
+app.openapi = openapi_schema  # type: ignore[method-assign]
 
 
 @app.exception_handler(APIError)
@@ -85,8 +121,18 @@ def to_api_error(e: BaseException) -> APIError:
         return APIError(503, f"engine replica unavailable: {_message(e)}", "server_error", None, "engine_unavailable")
     if isinstance(e, BackPressureError):
         return APIError(503, "server overloaded, retry later", "server_error", None, "overloaded")
+    if isinstance(e, ClientDisconnect):  # the client left while sending its body: nobody reads this answer
+        return bad_request("the client disconnected before sending the whole body", code="client_disconnected")
     log.exception("request failed", exc_info=e)
     return APIError(500, f"internal error: {type(e).__name__}: {_message(e)}", "server_error", None, "internal_error")
+
+
+# Helpers of the Ingress class are defined above it: `@serve.ingress` freezes the class with cloudpickle while this
+# module is still importing, and the frozen methods see only the module globals that exist at that point.
+def _too_large(size: Optional[int], limit: int) -> APIError:
+    what = f"{size} bytes" if size is not None else "larger than that"
+    return APIError(413, f"request body is {what}; this server accepts at most {limit} bytes (serve.max_request_bytes)",
+                    "invalid_request_error", None, "request_too_large")  # fmt: skip
 
 
 def _image_processor(vision: Optional[dict[str, Any]]) -> Any:
@@ -134,10 +180,21 @@ class Ingress:
                 self.grpc = False
         self.metrics = ServingMetrics()
         self.created = int(time.time())
+        self.max_request_bytes = int(cfg.get("max_request_bytes") or DEFAULT_MAX_REQUEST_BYTES)
+        # Tokenizing a long prompt takes seconds (4 MB: ~4 s with the built-in tokenizer): on the event loop it would
+        # stall every other request of this replica. A pool thread does it; the semaphore bounds how many run, and
+        # waiting for it is cancellable (a client that leaves while queued costs nothing).
+        slots = int(cfg.get("max_concurrent_tokenizations") or 2)
+        self.tok_pool = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="ernie-tokenize")
+        self.tok_slots = asyncio.Semaphore(slots)
+        vocab = self.tokenizer.get_vocab() if hasattr(self.tokenizer, "get_vocab") else {}
+        longest = max((len(t) for t in vocab), default=0) or 64
+        self.max_prompt_chars = CHARS_PER_TOKEN_SLACK * longest * int(cfg["max_seq_len"])
 
     # ---- plumbing ------------------------------------------------------------------------------------------------
     def _auth(self, request: Request) -> None:
         key = self.cfg.get("api_key")
+        key = key.get() if hasattr(key, "get") else key  # an `auth.Secret` (or a plain string in unit use)
         if not key:
             return
         got = request.headers.get("authorization", "")
@@ -164,6 +221,37 @@ class Ingress:
         finally:
             if not streaming:
                 self.metrics.in_flight.dec()
+
+    async def _read_body(self, request: Request) -> bytes:
+        """The request body, at most `max_request_bytes`: refused from Content-Length before reading any of it, and
+        while reading when the length is not declared (chunked) or the client sends more than it declared."""
+        limit = self.max_request_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.strip().isdigit():
+                raise bad_request("invalid Content-Length header", code="invalid_request")
+            if int(declared) > limit:
+                raise _too_large(int(declared), limit)
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise _too_large(None, limit)
+        return bytes(body)
+
+    async def _tokenize(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` (tokenization: CPU-bound, seconds for long prompts) in the tokenizer pool, at most
+        `max_concurrent_tokenizations` at once, so the event loop keeps serving."""
+        async with self.tok_slots:
+            return await asyncio.get_running_loop().run_in_executor(self.tok_pool, fn, *args)
+
+    def _check_chars(self, chars: int, param: str) -> None:
+        """Refuse, without tokenizing it, a prompt too long to fit the context whatever its tokens."""
+        if chars > self.max_prompt_chars:
+            raise bad_request(
+                f"This model's maximum context length is {self.cfg['max_seq_len']} tokens; a prompt of {chars} "
+                f"characters cannot fit", param, "context_length_exceeded",
+            )  # fmt: skip
 
     def _check_model(self, name: str) -> None:
         if name != self.model:
@@ -338,9 +426,14 @@ class Ingress:
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")
-    async def metrics(self) -> Response:
+    async def metrics(self, request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
 
+        if self.cfg.get("metrics_require_key"):  # off by default: scrapers usually hold no key
+            try:
+                self._auth(request)
+            except APIError as e:
+                return JSONResponse(e.body(), status_code=e.status)
         return Response(self.metrics.render(await self._engine_stats()), media_type=CONTENT_TYPE_LATEST)
 
     async def _engine_stats(self) -> list[dict[str, Any]]:
@@ -364,8 +457,10 @@ class Ingress:
     @app.get("/v1/models")
     async def models(self, request: Request) -> Response:
         async def fn(_: float) -> Response:
+            # As vLLM's card, but `root` is the served name too: the checkpoint's path on the server is not the
+            # clients' business (it tells an attacker the filesystem layout).
             card = {"id": self.model, "object": "model", "created": self.created, "owned_by": "ernie-platform",
-                    "root": self.cfg["model_path"] or "demo", "max_model_len": self.cfg["max_seq_len"]}  # fmt: skip
+                    "root": self.model, "parent": None, "max_model_len": self.cfg["max_seq_len"]}  # fmt: skip
             return JSONResponse({"object": "list", "data": [card]})
 
         return await self._serve("models", request, fn)
@@ -379,10 +474,10 @@ class Ingress:
         return await self._serve("chat", request, lambda t0: self._chat(request, t0))
 
     async def _completions(self, request: Request, t0: float) -> Response:
-        req: CompletionRequest = parse_body(await request.body(), CompletionRequest)
+        req: CompletionRequest = parse_body(await self._read_body(request), CompletionRequest)
         self._check_model(req.model)
         s = completion_sampling(req, self.cfg["max_n"])
-        prompts = self._prompts(req.prompt)
+        prompts = await self._tokenize(self._prompts, req.prompt)
         rid = f"cmpl-{uuid.uuid4().hex}"
         jobs = []
         for i, (ids, text) in enumerate(prompts):
@@ -418,7 +513,7 @@ class Ingress:
         return await self._sse("completions", t0, jobs, want_lp, emit, head, tail)
 
     def _prompts(self, prompt: Any) -> list[tuple[list[int], str]]:
-        """(token ids, text) of each prompt of a completions request."""
+        """(token ids, text) of each prompt of a completions request (runs in the tokenizer pool)."""
         if isinstance(prompt, str):
             items: list[Any] = [prompt]
         elif prompt and all(isinstance(p, int) for p in prompt):
@@ -429,6 +524,11 @@ class Ingress:
             raise bad_request("prompt must not be empty", "prompt", "invalid_value")
         if len(items) > MAX_PROMPTS:
             raise bad_request(f"at most {MAX_PROMPTS} prompts per request", "prompt", "invalid_value")
+        for p in items:  # cheap length checks of every prompt before tokenizing any
+            if isinstance(p, str):
+                self._check_chars(len(p), "prompt")
+            elif len(p) >= self.cfg["max_seq_len"]:  # no room for one generated token
+                self._fit(p, SamplingParams(max_tokens=1), "prompt")
         out = []
         vocab = self.cfg["vocab_size"]
         for p in items:
@@ -450,19 +550,23 @@ class Ingress:
 
         return tail
 
-    async def _chat(self, request: Request, t0: float) -> Response:
-        req: ChatRequest = parse_body(await request.body(), ChatRequest)
-        self._check_model(req.model)
-        s = chat_sampling(req, self.cfg["max_n"])
+    def _chat_prompt(self, req: ChatRequest, thinking: bool) -> tuple[list[int], Any]:
+        """(token ids, images as model inputs or None) of a chat request (runs in the tokenizer pool: decoding
+        images, rendering the template and tokenizing are all CPU-bound)."""
         messages, images = chatfmt.normalize_chat(req.messages, is_vl=self.cfg["is_vl"])
-        thinking = bool(thinking_requested(req))  # off unless the request turns it on
+        self._check_chars(sum(len(m["content"]) for m in messages), "messages")
         text = chatfmt.render_chat(self.tokenizer, messages, thinking)
-        mm = None
         if images:
             merge = int(self.cfg["vision"]["merge_size"])
-            ids, mm = await asyncio.to_thread(mm_prompt, self.tokenizer, self.image_processor, merge, text, images)
-        else:
-            ids = chatfmt.encode_chat(self.tokenizer, text)
+            return mm_prompt(self.tokenizer, self.image_processor, merge, text, images)
+        return chatfmt.encode_chat(self.tokenizer, text), None
+
+    async def _chat(self, request: Request, t0: float) -> Response:
+        req: ChatRequest = parse_body(await self._read_body(request), ChatRequest)
+        self._check_model(req.model)
+        s = chat_sampling(req, self.cfg["max_n"])
+        thinking = bool(thinking_requested(req))  # off unless the request turns it on
+        ids, mm = await self._tokenize(self._chat_prompt, req, thinking)
         params = s.params
         if req.max_tokens is None and req.max_completion_tokens is None:
             params.max_tokens = max(1, min(self.cfg["default_max_tokens"], self.cfg["max_seq_len"] - len(ids)))

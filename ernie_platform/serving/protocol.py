@@ -18,6 +18,9 @@ from ernie_platform.inference.sampling import SamplingParams
 
 MAX_LOGPROBS = 20  # OpenAI's bound for chat top_logprobs; completions' logprobs accepts the same here
 MAX_STOP = 4
+# Temperatures below this sample greedily (vLLM's _SAMPLING_EPS): dividing the logits by a subnormal temperature
+# such as 1e-320 gives inf/nan probabilities, and the engine step that fails takes every request of its batch along.
+MIN_TEMPERATURE = 1e-5
 
 
 class APIError(Exception):
@@ -170,9 +173,10 @@ def sampling_from_request(
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options is only allowed with stream=true", "stream_options", "invalid_value")
+    temperature = 1.0 if req.temperature is None else float(req.temperature)
     params = SamplingParams(
         max_tokens=max_tokens if max_tokens is not None else 0,
-        temperature=1.0 if req.temperature is None else float(req.temperature),
+        temperature=temperature if temperature >= MIN_TEMPERATURE else 0.0,
         top_p=1.0 if req.top_p is None else float(req.top_p),
         top_k=max(0, req.top_k or 0),
         seed=req.seed,

@@ -5,7 +5,8 @@
     serve build workloads.serve.app:app -o serve_config.yaml
 
 `build_app(args)` takes the same overrides as `python -m workloads.serve` (flat dotted keys, or nested mappings as in
-a Serve config file's `args:`). `app` is built on first access (PEP 562), so importing this module is cheap.
+a Serve config file's `args:`), except an API key: that comes from `ERNIE_API_KEY` or `serve.api_key_file` in the
+process that builds the app. `app` is built on first access (PEP 562), so importing this module is cheap.
 Note that `serve run` / RayService own the HTTP options: `serve.host` / `serve.port` apply to
 `python -m workloads.serve` only.
 """
@@ -39,8 +40,10 @@ def compose_config(args: Mapping[str, Any] | None = None) -> Any:
     from hydra.core.global_hydra import GlobalHydra
 
     from ernie_platform.configs import register_configs, validate_config
+    from ernie_platform.serving.auth import reject_key_mapping
 
     register_configs()
+    reject_key_mapping(args or {})  # a Serve config's `args:` is stored and shown: no key there (serving/auth.py)
     overrides = _overrides(args or {})
     if GlobalHydra.instance().is_initialized():  # inside @hydra.main or a caller's initialize(): reuse it
         cfg = compose(config_name="config", overrides=overrides)
