@@ -56,3 +56,26 @@ def test_serve_load_benchmark_quick_runs_both_modes_and_baselines() -> None:
     assert "| serve pd | 32 |" in out and "| serve colocated | 32 |" in out
     assert "transformers batched generate" in out and "engine in-process" in out
     assert "verdict:" in out and "TTFT p50 at conc 1" in out
+
+
+def test_posttrain_eval_summary_pairs_runs_by_problem_and_seed(tmp_path: Path) -> None:
+    """benchmarks/posttrain_eval.py summary: mean ± sd over seeds and the paired tests, from per-problem JSONs."""
+    import json
+
+    prompts = [f"What is {i}+1?" for i in range(40)]
+    for seed in range(3):
+        for algo, k in (("sft", 10), ("rlvr", 14 + seed)):
+            rows = [{"prompt": p, "task": "arithmetic", "correct": int(i < k), "reward": float(i < k)}
+                    for i, p in enumerate(prompts)]  # fmt: skip
+            rec = {"run": f"pt-{algo}-s{seed}", "accuracy": k / 40, "reward": k / 40, "problems": rows}
+            (tmp_path / f"pt-{algo}-s{seed}.json").write_text(json.dumps(rec))
+    files = sorted(str(f) for f in tmp_path.glob("*.json"))
+    cmd = [sys.executable, "benchmarks/posttrain_eval.py", "summary", *files]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "held-out: 40 distinct problems" in out
+    assert "| SFT | 0,1,2 | 0.250, 0.250, 0.250 | 0.250 ± 0.000 |" in out
+    assert "| RLVR | 0,1,2 | 0.350, 0.375, 0.400 | 0.375 ± 0.025 |" in out
+    # RLVR − SFT: +4, +5, +6 problems of 40 → +0.125 ± 0.0144 (SE over 3 seeds), t = 8.66 with 2 df
+    assert "| RLVR − SFT | s0: +0.100" in out and "+0.125 ± 0.014 | 8.66 (2) |" in out

@@ -29,7 +29,15 @@ from ernie_platform.posttrain.data import (
     parse_sft,
     read_examples,
 )
-from ernie_platform.posttrain.tasks import TASKS, Problem, arithmetic, counting, problems, wrong_answer
+from ernie_platform.posttrain.tasks import (
+    TASKS,
+    Problem,
+    _arithmetic_pools,
+    arithmetic,
+    counting,
+    problems,
+    wrong_answer,
+)
 
 TOK = load_tokenizer(None)
 EOT = "<|end_of_sentence|>"
@@ -331,6 +339,45 @@ def test_counting_deterministic_correct_and_disjoint():
             assert p.answer == str(word.count(letter)) and p.task == "counting"
             keys[split].add((letter, word))
     assert not keys["train"] & keys["test"]
+
+
+def test_held_out_examples_distinct_deterministic_and_disjoint_from_training():
+    """The end-of-run evaluation (`algorithms.examples(cfg, kind, "test")`) asks for distinct problems: every test
+    problem of operands 0-50 at most once, the same set whatever the seed, none of them a training problem."""
+    from ernie_platform.posttrain.algorithms import examples
+
+    def cfg(seed: int, test_percent: int, eval_samples: int = 4000) -> dict:
+        algo = {"tasks": ["arithmetic"], "max_operand": 50, "test_percent": test_percent}
+        algo.update(name="rlvr", train_samples=20000, eval_samples=eval_samples, eval_source=None)
+        return {"algo": algo, "data": {"source": "builtin"}, "trainer": {"seed": seed}}
+
+    for pct, size in ((10, 391), (30, 1148)):  # 3,927 problems with operands 0-50 (2,601 sums, 1,326 differences)
+        held = examples(cfg(0, pct), "rl", "test")
+        prompts = [ex.messages[-1]["content"] for ex in held]
+        assert len(prompts) == len(set(prompts)) == size
+        assert set(prompts) == {ex.messages[-1]["content"] for ex in examples(cfg(5, pct), "rl", "test")}
+        assert examples(cfg(0, pct), "rl", "test") == held  # deterministic order too
+        train = {ex.messages[-1]["content"] for ex in examples(cfg(0, pct), "rl", "train")}
+        assert not train & set(prompts)
+        pools = _arithmetic_pools(50, pct)
+        assert len(pools[("train", "+")] + pools[("train", "-")]) == {10: 3536, 30: 2779}[pct]
+        assert len(train) == {10: 3508, 30: 2772}[pct]  # 20,000 training draws see almost all of them
+    small = [ex.messages[-1]["content"] for ex in examples(cfg(0, 30, eval_samples=500), "rl", "test")]
+    assert len(set(small)) == 500
+    # the test splits are nested: the 10% held-out problems are held out at 30% as well
+    assert {_triple(p) for p in arithmetic("test", 4000, 0, 50, distinct=True)} <= {
+        _triple(p) for p in arithmetic("test", 4000, 0, 50, test_percent=30, distinct=True)
+    }
+    both = problems(
+        ["arithmetic", "counting"],
+        "test",
+        3000,
+        seed=1,
+        options={"arithmetic": {"max_operand": 50, "distinct": True}, "counting": {"distinct": True}},
+    )
+    assert len({p.prompt for p in both}) == len(both) == 391 + 1500  # arithmetic's split is exhausted at 391
+    with pytest.raises(ValueError, match="test_percent"):
+        arithmetic("test", 1, seed=0, test_percent=0)
 
 
 def test_problems_mix_and_unknown_task():

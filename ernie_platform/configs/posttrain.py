@@ -49,7 +49,8 @@ class AlgoConfig:
     tasks: List[str] = field(default_factory=lambda: ["arithmetic"])
     max_operand: int = 50  # arithmetic operands are drawn from 0..max_operand
     train_samples: int = 20000  # built-in training examples
-    eval_samples: int = 1000  # built-in held-out examples for the end-of-run evaluation
+    test_percent: int = 10  # share of each built-in task's problems held out (split by a hash of the problem)
+    eval_samples: int = 1000  # built-in held-out examples for the end-of-run evaluation (distinct problems)
     eval_source: Optional[str] = None  # held-out file (same format as data.source); None: built-in test split
     max_len: int = 256  # longest tokenized example (prompt + response); longer ones are skipped and counted
     # ---- DPO (and UPO's pair term) ----
@@ -89,6 +90,8 @@ def check_algo(algo: Any, trainer: Any) -> None:
         raise bad("lora.r", algo.lora.r, "an integer >= 1")
     if not algo.lora.target_modules:
         raise bad("lora.target_modules", list(algo.lora.target_modules), "a non-empty list of Linear layer names")
+    if not 1 <= algo.test_percent <= 99:
+        raise bad("test_percent", algo.test_percent, "an integer in [1, 99]")
     if algo.beta <= 0:
         raise bad("beta", algo.beta, "a positive number")
     if not 0 <= algo.label_smoothing < 0.5:

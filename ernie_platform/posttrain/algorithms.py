@@ -42,7 +42,9 @@ def examples(cfg: dict[str, Any], kind: str, split: str, stats: Optional[DataSta
 
 
 def _builtin(kind: str, split: str, n: int, seed: int, tasks: list[str], algo: dict[str, Any]) -> list[Any]:
-    options = {"arithmetic": {"max_operand": int(algo.get("max_operand", 99))}}
+    """Held-out examples are distinct problems (at most the whole test split of each task, no repeats)."""
+    common = {"test_percent": int(algo.get("test_percent", 10)), "distinct": split == "test"}
+    options = {"arithmetic": {"max_operand": int(algo.get("max_operand", 99)), **common}, "counting": common}
     return pdata.builtin_examples(kind, split, n, seed, tasks, options)
 
 
@@ -253,9 +255,15 @@ def _upo_term(model, ref_ctx, logp, ref_logp, mask, batch: RLBatch, algo, pair_b
 
 @torch.no_grad()
 def evaluate_generation(
-    model: nn.Module, tokenizer: Any, items: list[Any], reward_fn: Any, max_new_tokens: int
+    model: nn.Module,
+    tokenizer: Any,
+    items: list[Any],
+    reward_fn: Any,
+    max_new_tokens: int,
+    details: Optional[list[dict[str, Any]]] = None,
 ) -> dict[str, float]:
-    """Greedy answers to held-out prompts with the inference engine: exact-match accuracy and mean reward."""
+    """Greedy answers to held-out prompts with the inference engine: exact-match accuracy and mean reward;
+    `details` (a list) receives one record per prompt (prompt, task, answer, output, correct, reward)."""
     from ernie_platform.inference import Engine, SamplingParams
     from ernie_platform.posttrain.rewards import exact_match, score
 
@@ -271,6 +279,10 @@ def evaluate_generation(
     truths = [_truth(ex) for ex in items]
     exact = [exact_match("", o.text, gt) for o, gt in zip(outs, truths)]
     rewards = [score(reward_fn, msgs[-1]["content"], o.text, gt)[0] for msgs, o, gt in zip(convs, outs, truths)]
+    if details is not None:
+        for ex, msgs, o, gt, ok, r in zip(items, convs, outs, truths, exact, rewards):
+            task = getattr(ex, "task", None)
+            details.append(dict(prompt=msgs[-1]["content"], task=task, answer=gt, output=o.text, correct=ok, reward=r))
     return {"eval/accuracy": sum(exact) / len(exact), "eval/reward": sum(rewards) / len(rewards)}
 
 

@@ -10,6 +10,7 @@ rank, and each rank trains on its share of the prompt groups).
 
 from __future__ import annotations
 
+import json
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -280,7 +281,19 @@ def _evaluate(cfg: dict[str, Any], model: torch.nn.Module, ref_ctx: Any, tokeniz
     if rl_items:
         fn, _ = _reward_setup(cfg)
         new_tokens = int(algo["rollout"]["max_new_tokens"])
-        out.update(algos.evaluate_generation(model, tokenizer, rl_items, fn, new_tokens))
+        rows: list[dict[str, Any]] = []
+        out.update(algos.evaluate_generation(model, tokenizer, rl_items, fn, new_tokens, rows))
+        # per-problem answers beside the checkpoints, for paired comparisons (benchmarks/posttrain_eval.py)
+        rec = {
+            "run": cfg["run"]["name"],
+            "n": len(rows),
+            "accuracy": out["eval/accuracy"],
+            "reward": out["eval/reward"],
+        }
+        where = run_dir(cfg).removeprefix("file://")
+        if "://" not in where:  # a local storage path (object stores: the metrics only)
+            Path(where).mkdir(parents=True, exist_ok=True)
+            Path(where, "eval_problems.json").write_text(json.dumps({**rec, "problems": rows}))
     return out
 
 

@@ -193,19 +193,20 @@ def build_reference(cfg: dict[str, Any], policy: nn.Module) -> Optional[nn.Modul
 @torch.no_grad()
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The policy's weights in the plain model's layout (LoRA deltas folded in), on CPU: what rollout engines load.
-    The tensors of non-adapted weights are the parameters themselves (on CPU): put them in the object store (which
-    copies) before the next optimizer step."""
+    Every tensor is a copy with storage of its own: DeepSpeed's ZeRO-1/2 make the parameters views into one flat
+    buffer per group, and pickling a view (ray.put) writes its whole storage, once per tensor (a 72 MB model became a
+    5 GB object, spilled to disk every RL step)."""
     out: dict[str, torch.Tensor] = {}
     lora = {name: mod for name, mod in model.named_modules() if isinstance(mod, LoRALinear)}
     for name, tensor in model.state_dict().items():
         owner, _, rest = name.rpartition(".base.")
         if owner not in lora:
             if name.rsplit(".", 2)[0] not in lora:  # <owner>.lora_A/B.weight are folded into <owner>.weight
-                out[name] = tensor.detach().cpu()
+                out[name] = tensor.detach().cpu().clone()
         elif rest == "weight":
             out[f"{owner}.weight"] = (tensor + lora[owner].delta_weight().to(tensor.dtype)).detach().cpu()
         else:
-            out[f"{owner}.{rest}"] = tensor.detach().cpu()
+            out[f"{owner}.{rest}"] = tensor.detach().cpu().clone()
     return out
 
 
