@@ -1,3 +1,5 @@
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,21 @@ def compose_config(*overrides: str):
         cfg = compose("config", overrides=list(overrides))
     validate_config(cfg)
     return cfg
+
+
+def read_until(proc: subprocess.Popen, marker: str, timeout_s: float = 240) -> list[str]:
+    """Lines of `proc`'s text stdout up to and including the first that contains `marker` (a server's readiness line),
+    or all it printed before exiting or before `timeout_s`; the caller asserts on them."""
+    lines: list[str] = []
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        lines.append(line)
+        if marker in line:
+            break
+    return lines
 
 
 @pytest.fixture(autouse=True)

@@ -9,11 +9,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import read_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,14 +30,7 @@ def test_serve_command_serves_until_sigint(tmp_path: Path) -> None:
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            line = proc.stdout.readline()
-            if not line and proc.poll() is not None:
-                break
-            lines.append(line)
-            if "[serve] ready" in line:
-                break
+        lines = read_until(proc, "[serve] ready")
         assert any("[serve] ready" in ln for ln in lines), "".join(lines)[-3000:]
         body = {"model": "ernie45-demo", "prompt": "Hello", "max_tokens": 4, "ignore_eos": True}
         req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),

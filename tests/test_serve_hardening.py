@@ -39,6 +39,7 @@ from ernie_platform.serving.auth import (
     reject_key_overrides,
     resolve_api_key,
 )
+from tests.conftest import read_until
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "sk-hardening-4f1c9e2b7d"
@@ -430,14 +431,7 @@ def test_serve_command_keeps_the_key_off_disk(tmp_path: Path, source: str) -> No
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            line = proc.stdout.readline()
-            if not line and proc.poll() is not None:
-                break
-            lines.append(line)
-            if "[serve] ready" in line:
-                break
+        lines = read_until(proc, "[serve] ready")
         assert any("[serve] ready" in ln for ln in lines), "".join(lines)[-3000:]
         url = f"http://127.0.0.1:{port}/v1/completions"
         body = {"model": "ernie45-demo", "prompt": "Hello", "max_tokens": 2}
