@@ -27,6 +27,7 @@ from typing import Any, Optional, Union
 
 from omegaconf import DictConfig, OmegaConf
 
+from ernie_platform.configs.schema import ServeConfig
 from ernie_platform.models.config import TEXT_MODEL_TYPES, VL_MODEL_TYPES
 from ernie_platform.serving.auth import resolve_api_key
 
@@ -148,7 +149,9 @@ def validate_serve(s: dict[str, Any]) -> None:
             raise bad(f"{name}.max_ongoing_requests", "must be >= 1")
 
 
-DEFAULT_MAX_REQUEST_BYTES = 4 * 2**20
+# The schema's defaults, for configs given as plain dicts without these keys (one source: ServeConfig).
+DEFAULT_MAX_REQUEST_BYTES = ServeConfig.max_request_bytes
+DEFAULT_TOKENIZATIONS = ServeConfig.max_concurrent_tokenizations
 ROUTERS = ("load", "pow2")
 ROUTER_CLASSES = {  # serve.router=load: the request router of each engine deployment, by replica role
     "prefill": "ernie_platform.serving.router.PrefillLoadRouter",
@@ -277,7 +280,7 @@ def build_application(cfg: Union[DictConfig, dict[str, Any]]) -> Any:
         "grpc_transport": bool(s["grpc_transport"]),
         "replicas": r["replicas"],
         "max_request_bytes": int(s.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES)),
-        "max_concurrent_tokenizations": int(s.get("max_concurrent_tokenizations", 2)),
+        "max_concurrent_tokenizations": int(s.get("max_concurrent_tokenizations", DEFAULT_TOKENIZATIONS)),
         "metrics_require_key": bool(s.get("metrics_require_key", False)),
     }
 

@@ -43,7 +43,7 @@ from starlette.requests import ClientDisconnect
 from ernie_platform.inference import SamplingParams
 from ernie_platform.serving import chat as chatfmt
 from ernie_platform.serving import responses as R
-from ernie_platform.serving.app import DEFAULT_MAX_REQUEST_BYTES
+from ernie_platform.serving.app import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_TOKENIZATIONS
 from ernie_platform.serving.images import mm_prompt
 from ernie_platform.serving.metrics import ServingMetrics
 from ernie_platform.serving.protocol import (
@@ -184,7 +184,7 @@ class Ingress:
         # Tokenizing a long prompt takes seconds (4 MB: ~4 s with the built-in tokenizer): on the event loop it would
         # stall every other request of this replica. A pool thread does it; the semaphore bounds how many run, and
         # waiting for it is cancellable (a client that leaves while queued costs nothing).
-        slots = int(cfg.get("max_concurrent_tokenizations") or 2)
+        slots = int(cfg.get("max_concurrent_tokenizations") or DEFAULT_TOKENIZATIONS)
         self.tok_pool = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="ernie-tokenize")
         self.tok_slots = asyncio.Semaphore(slots)
         vocab = self.tokenizer.get_vocab() if hasattr(self.tokenizer, "get_vocab") else {}
