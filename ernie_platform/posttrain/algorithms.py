@@ -21,6 +21,7 @@ from ernie_platform.data import DataStats
 from ernie_platform.posttrain import data as pdata
 from ernie_platform.posttrain import losses
 from ernie_platform.posttrain.rollout import Rollout
+from ernie_platform.posttrain.tasks import TEST_PERCENT
 
 IGNORE = -100
 
@@ -43,7 +44,7 @@ def examples(cfg: dict[str, Any], kind: str, split: str, stats: Optional[DataSta
 
 def _builtin(kind: str, split: str, n: int, seed: int, tasks: list[str], algo: dict[str, Any]) -> list[Any]:
     """Held-out examples are distinct problems (at most the whole test split of each task, no repeats)."""
-    common = {"test_percent": int(algo.get("test_percent", 10)), "distinct": split == "test"}
+    common = {"test_percent": int(algo.get("test_percent", TEST_PERCENT)), "distinct": split == "test"}
     options = {"arithmetic": {"max_operand": int(algo.get("max_operand", 99)), **common}, "counting": common}
     return pdata.builtin_examples(kind, split, n, seed, tasks, options)
 
