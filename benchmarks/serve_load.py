@@ -1,16 +1,21 @@
-"""Serving load benchmark: the Ray Serve OpenAI app (pd and colocated) under loopback load, against transformers'
-batched `generate` on the same model and the same total tokens, in one run.
+"""Serving load benchmark: the Ray Serve OpenAI app (pd and colocated, native engine; colocated with the vLLM
+backend) and bare vLLM's own OpenAI server under loopback load, against transformers' batched `generate` on the
+same model and the same total tokens, in one run.
 
 Run from the repository root:
 
+    python benchmarks/serve_load.py --checkpoint runs/<run>/export   # a trained checkpoint (what the docs report)
     python benchmarks/serve_load.py              # demo model, prompt 128 / output 128 tokens, concurrency 1, 8, 32
     python benchmarks/serve_load.py --quick      # smoke setting (< 2 min): short prompts and outputs, few requests
     python benchmarks/serve_load.py --mixed      # output lengths spread over [32, 224] (mean 128) instead of all 128
+    python benchmarks/serve_load.py --systems pd colocated           # without the vLLM rows
 
 What is measured, in this order, on one machine:
 
-* model: the demo MoE (`conf/model/ernie45_demo_moe.yaml`, random weights from the fixed demo seed, built-in
-  byte-level tokenizer), saved once to a temporary checkpoint that every party loads;
+* model: `--checkpoint` (a transformers-layout ERNIE text checkpoint with a byte-level tokenizer, e.g. an export of
+  the text stage or of post-training), else the demo MoE (`conf/model/ernie45_demo_moe.yaml`, random weights from
+  the fixed demo seed: every request then emits the same token and touches 2 of 16 experts, so prefer a trained
+  one), saved once to a temporary checkpoint that every party loads;
 * bare prefill: one forward of the benchmark prompt through the model (1 torch thread, as in a replica), median;
 * transformers: `AutoModelForCausalLM.from_pretrained(ckpt).generate(batch, do_sample=False,
   max_new_tokens=M, min_new_tokens=M)` on batches of 32 prompts until the total tokens of the concurrency-32 level
@@ -21,11 +26,16 @@ What is measured, in this order, on one machine:
   serving path;
 * everything runs at Ray's worker niceness (15), as the replicas do, so other load on the machine hits both sides
   alike;
-* serving: a local Ray instance, Serve on a loopback port, both apps deployed at once (`/pd`: Ingress -> Prefill ->
-  Decode; `/colo`: Ingress -> Engine; the repo's default `conf/serve/default.yaml` otherwise), then for each mode and
-  each concurrency C a warm-up and `requests` streamed `/v1/completions` calls (greedy, `ignore_eos`, so every
-  request generates exactly M tokens) from C concurrent clients in this process (aiohttp, raw SSE parsing: the
-  openai client's per-chunk parsing would take CPU from the server on a 2-core machine).
+* serving (`--systems`): a local Ray instance, Serve on a loopback port, the apps deployed at once (`pd`: Ingress
+  -> Prefill -> Decode; `colocated`: Ingress -> Engine; `vllm-colocated`: Ingress -> Engine with
+  `serve.engine.backend=vllm`; the repo's default `conf/serve/default.yaml` otherwise), and `vllm`: bare vLLM's
+  OpenAI server (`python -m vllm.entrypoints.openai.api_server`, the checkpoint's dtype, max model length and max
+  sequences as the app's engine, `VLLM_CPU_KVCACHE_SPACE` as `serve.engine.vllm.kv_cache_gib`) started by this
+  script, so at the same niceness as everything else; then for each system and each concurrency C a warm-up and
+  `requests`
+  streamed `/v1/completions` calls (greedy, `ignore_eos`, so every request generates exactly M tokens) from C
+  concurrent clients in this process (aiohttp, raw SSE parsing: the openai client's per-chunk parsing would take CPU
+  from the server on a 2-core machine). All servers stay up for the whole run; only one is loaded at a time.
 
 Repetition (`--runs R`, default 3): every (mode, concurrency) level is measured R times, interleaved (run 1 of every
 level, then run 2, ...), so that slow drift of the machine hits every level alike; the table reports each figure as
@@ -36,8 +46,11 @@ Per request: TTFT = request sent -> first chunk carrying a token; TPOT = (last t
 gaps between chunks, a chunk of k tokens counting k gaps of 1/k each. Per level: output tok/s = generated tokens /
 wall time of the level, req/s likewise; percentiles over all requests (ITL: over all gaps).
 
-Verdict (printed; the script never fails on it): concurrency-32 output tok/s >= 3x the transformers reference, and
-TTFT p50 at concurrency 1 within 50 ms of the bare prefill forward. Results: docs/benchmarks.md ("Serving").
+Verdicts (printed; the script never fails on them): concurrency-32 output tok/s >= 3x the transformers reference,
+and TTFT p50 at concurrency 1 within 50 ms of the bare prefill forward; against bare vLLM (issues #17, #18): the
+vLLM backend colocated >= 0.9x its tok/s at the top concurrency and TTFT p50 at concurrency 1 <= its + 15 ms; the
+native engine colocated >= 0.8x its tok/s, ITL p50 at concurrency 1 <= 1.25x its, TTFT p50 at concurrency 1 <= its
++ 20 ms. Results: docs/benchmarks.md ("Serving").
 """
 
 from __future__ import annotations
@@ -62,7 +75,15 @@ if __package__ in (None, ""):  # `python benchmarks/serve_load.py`: make the rep
 
 TARGET_SPEEDUP = 3.0
 TARGET_TTFT_MS = 50.0
-MODES = {"pd": "/pd", "colocated": "/colo"}
+# Ray Serve apps: system -> (route prefix, overrides)
+APPS = {
+    "pd": ("/pd", {"serve.mode": "pd"}),
+    "colocated": ("/colo", {"serve.mode": "colocated"}),
+    "vllm-colocated": ("/vllm", {"serve.mode": "colocated", "serve.engine.backend": "vllm"}),
+}
+SYSTEMS = (*APPS, "vllm")  # vllm: bare vLLM's OpenAI server
+LABELS = {"pd": "serve pd", "colocated": "serve colocated", "vllm-colocated": "serve colocated, vLLM backend",
+          "vllm": "bare vLLM server"}  # fmt: skip
 
 
 @dataclass
@@ -85,6 +106,17 @@ class Level:
     @property
     def req_s(self) -> float:
         return self.requests / self.wall_s if self.wall_s else 0.0
+
+
+def cpu_model() -> str:
+    """The CPU's model name (`/proc/cpuinfo`), for the tables: machines of this class differ from week to week."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -237,7 +269,8 @@ def local_serve() -> Iterator[int]:
     from ray import serve
 
     os.environ.setdefault("RAY_SERVE_PROXY_USE_GRPC", "1")  # as `python -m workloads.serve` does (docs/serving.md)
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # logical CPUs for every replica of the apps at once (each app's default asks for up to 1.75)
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     try:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -249,29 +282,127 @@ def local_serve() -> Iterator[int]:
         ray.shutdown()
 
 
+@contextlib.contextmanager
+def bare_vllm(ckpt: str, name: str, max_len: int, max_seqs: int, kv_gib: int, eager: bool) -> Iterator[int]:
+    """vLLM's own OpenAI server on a free loopback port (yielded) for the checkpoint; stopped after. Started from
+    this process, so at its niceness. `vllm serve` is not used: the CLI looks up the distribution `vllm`, and on
+    CPU it is installed as `vllm-cpu` (docs/serving.md)."""
+    import subprocess
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    from ernie_platform.serving.vllm_engine import checkpoint_dtype
+
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", ckpt, "--served-model-name", name,
+           "--dtype", checkpoint_dtype(ckpt), "--max-model-len", str(max_len), "--max-num-seqs", str(max_seqs),
+           "--host", "127.0.0.1", "--port", str(port), "--disable-log-stats"]  # fmt: skip
+    if eager:
+        cmd.append("--enforce-eager")
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}
+    log = open(Path(tempfile.gettempdir()) / f"serve_load_vllm_{port}.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 900
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"bare vLLM exited with {proc.returncode}; log: {log.name}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"bare vLLM did not start in 900 s; log: {log.name}")
+            time.sleep(1.0)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
 def serve_levels(ckpt: str, args: argparse.Namespace, lens: list[int]) -> list[Level]:
     from ray import serve
 
+    from ernie_platform.serving.app import model_name_for
     from workloads.serve.app import build_app
 
-    with local_serve() as port:
-        common = {"model.path": ckpt, "serve.engine.max_seq_len": args.prompt_tokens + max(lens)}
-        t0 = time.perf_counter()
-        serve.run_many([serve.RunTarget(build_app({**common, "serve.mode": mode}), name=mode, route_prefix=prefix)
-                        for mode, prefix in MODES.items()])  # fmt: skip
-        print(f"serve: both apps up in {time.perf_counter() - t0:.1f} s (port {port})", flush=True)
+    name = model_name_for(ckpt)
+    max_len = args.prompt_tokens + max(lens)
+    with contextlib.ExitStack() as stack:
+        urls = {}
+        apps = [s for s in args.systems if s in APPS]
+        if apps:
+            port = stack.enter_context(local_serve())
+            common = {"model.path": ckpt, "serve.engine.max_seq_len": max_len,
+                      "serve.engine.max_batch_size": args.max_seqs, "serve.engine.vllm.kv_cache_gib": args.vllm_kv_gib,
+                      "serve.engine.vllm.enforce_eager": args.vllm_eager}  # fmt: skip
+            t0 = time.perf_counter()
+            serve.run_many([serve.RunTarget(build_app({**common, **APPS[s][1]}), name=s, route_prefix=APPS[s][0])
+                            for s in apps])  # fmt: skip
+            print(f"serve: {', '.join(apps)} up in {time.perf_counter() - t0:.1f} s (port {port})", flush=True)
+            urls.update({s: f"http://127.0.0.1:{port}{APPS[s][0]}/v1" for s in apps})
+        if "vllm" in args.systems:
+            t0 = time.perf_counter()
+            vport = stack.enter_context(bare_vllm(ckpt, name, max_len, args.max_seqs, args.vllm_kv_gib,
+                                                  args.vllm_eager))  # fmt: skip
+            print(f"bare vLLM: up in {time.perf_counter() - t0:.1f} s (port {vport})", flush=True)
+            urls["vllm"] = f"http://127.0.0.1:{vport}/v1"
         levels = []
         for run in range(1, args.runs + 1):  # interleaved: run r of every level before run r + 1 of any
-            for mode, prefix in MODES.items():
+            for system in args.systems:
                 for conc in args.concurrency:
                     n = max(conc * args.rounds, args.min_requests)
-                    lv = asyncio.run(run_level(f"http://127.0.0.1:{port}{prefix}/v1", Path(ckpt).name,
-                                               f"serve {mode}", conc, n, args.prompt_tokens, lens, min(conc, 4)))
+                    lv = asyncio.run(run_level(urls[system], name, LABELS[system], conc, n, args.prompt_tokens, lens,
+                                               min(conc, 4)))  # fmt: skip
                     lv.run = run
                     print(f"  run {run}: {lv.setting} conc {conc}: {lv.tok_s:,.0f} tok/s, TTFT p50 "
-                          f"{pct(lv.ttft_ms, 50):.1f} ms", flush=True)  # fmt: skip
+                          f"{pct(lv.ttft_ms, 50):.1f} ms, ITL p50 {pct(lv.itl_ms, 50):.1f} ms", flush=True)  # fmt: skip
                     levels.append(lv)
     return levels
+
+
+def vs_vllm(levels: list[Level], top: int) -> list[str]:
+    """The targets against bare vLLM measured in the same run (medians over the runs)."""
+
+    def med(system: str, conc: int, what: str) -> float:
+        runs = [lv for lv in levels if lv.setting == LABELS[system] and lv.concurrency == conc]
+        if not runs:
+            return float("nan")
+        if what == "tok_s":
+            return statistics.median(lv.tok_s for lv in runs)
+        return statistics.median(pct(getattr(lv, what), 50) for lv in runs)
+
+    out = []
+    ref_rate, ref_ttft, ref_itl = med("vllm", top, "tok_s"), med("vllm", 1, "ttft_ms"), med("vllm", 1, "itl_ms")
+    if math.isnan(ref_rate):
+        return out
+    what = f"tok/s at conc {top}"
+    checks = [  # (system, what, ratio to bare vLLM, target text, bound: None = reported only)
+        ("vllm-colocated", what, med("vllm-colocated", top, "tok_s") / ref_rate, ">= 0.9x", 0.9),
+        ("colocated", what, med("colocated", top, "tok_s") / ref_rate, ">= 0.8x", 0.8),
+        ("pd", what, med("pd", top, "tok_s") / ref_rate, "(reported)", None),
+    ]
+    for system, what, x, target, bound in checks:
+        if not math.isnan(x):
+            verdict = "" if bound is None else (" -> PASS" if x >= bound else " -> MISS")
+            out.append(f"{system}: {what} = {x:.2f}x bare vLLM ({ref_rate:,.0f} tok/s), target {target}{verdict}")
+    for system, slack in (("vllm-colocated", 15.0), ("colocated", 20.0)):
+        d = med(system, 1, "ttft_ms") - ref_ttft
+        if not math.isnan(d):
+            out.append(f"{system}: TTFT p50 at conc 1 = bare vLLM's {ref_ttft:.1f} ms {d:+.1f} ms, target <= "
+                       f"+{slack:.0f} ms -> {'PASS' if d <= slack else 'MISS'}")  # fmt: skip
+    itl = med("colocated", 1, "itl_ms") / ref_itl
+    if not math.isnan(itl):
+        out.append(f"colocated: ITL p50 at conc 1 = {itl:.2f}x bare vLLM's {ref_itl:.1f} ms, target <= 1.25x -> "
+                   f"{'PASS' if itl <= 1.25 else 'MISS'}")  # fmt: skip
+    return out
 
 
 # ---- report ----------------------------------------------------------------------------------------------------------
@@ -321,11 +452,23 @@ def main() -> None:
     p.add_argument("--baseline-budget-s", type=float, default=120.0)
     p.add_argument("--mixed", action="store_true", help="output lengths spread over [M/4, 7M/4] instead of all M")
     p.add_argument("--quick", action="store_true", help="smoke setting: prompt 32, output 16, 1 round, < 2 min")
+    p.add_argument("--checkpoint", type=str, default=None, help="text checkpoint to serve (default: the demo model)")
+    p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS,
+                   help="what to load (default: all; the vLLM ones only when vLLM is installed)")  # fmt: skip
+    p.add_argument("--max-seqs", type=int, default=32, help="sequences decoded together, every engine")
+    p.add_argument("--vllm-kv-gib", type=int, default=1, help="vLLM's CPU KV cache (GiB), both vLLM systems")
+    p.add_argument("--vllm-eager", action="store_true", help="both vLLM systems without torch.compile (--quick)")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
     if args.quick:
         args.prompt_tokens, args.max_tokens, args.rounds, args.min_requests, args.runs = 32, 16, 1, 4, 2
         args.baseline_budget_s = 20.0
+        args.vllm_eager = True
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None and any(s.startswith("vllm") for s in args.systems):
+        print("vLLM is not installed: leaving out the vllm systems (docs/serving.md, vLLM backend)", flush=True)
+        args.systems = [s for s in args.systems if not s.startswith("vllm")]
     # Ray starts its workers (the replicas, the HTTP proxy) at niceness RAY_worker_niceness (15). Everything here runs
     # at the same priority, so background load from other processes takes its share from serving and baselines alike.
     os.nice(max(0, int(os.environ.get("RAY_worker_niceness", "15")) - os.nice(0)))
@@ -339,16 +482,20 @@ def main() -> None:
     from ernie_platform.inference.loading import load_model_and_tokenizer
     from ernie_platform.models import save_pretrained
 
-    print(f"machine: {os.cpu_count()} logical CPUs, load average {os.getloadavg()[0]:.2f} at start; torch "
+    print(f"CPU: {cpu_model()}; "
+          f"machine: {os.cpu_count()} logical CPUs, load average {os.getloadavg()[0]:.2f} at start; torch "
           f"{torch.__version__} (default threads {default_threads}), Ray {ray.__version__}, transformers "
           f"{transformers.__version__}; niceness {os.nice(0)}", flush=True)  # fmt: skip
-    model, tok = load_model_and_tokenizer(None)
+    model, tok = load_model_and_tokenizer(args.checkpoint)
     total_reqs = max(max(args.concurrency) * args.rounds, args.min_requests)
     prompts = [tok.encode(prompt_text(i, args.prompt_tokens)) for i in range(total_reqs)]
     lens = output_lengths(total_reqs, args.max_tokens, args.mixed)
     assert all(len(x) == args.prompt_tokens for x in prompts)
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = str(save_pretrained(model, Path(tmp) / "ernie45-demo", tokenizer=tok))
+        if args.checkpoint:
+            ckpt = str(Path(args.checkpoint).resolve())
+        else:
+            ckpt = str(save_pretrained(model, Path(tmp) / "ernie45-demo", tokenizer=tok))
         prefill_ms = bare_prefill_ms(model, prompts[0], 5 if args.quick else 20)
         print(f"bare prefill forward ({args.prompt_tokens} tokens, 1 thread): {prefill_ms:.1f} ms", flush=True)
         eng_rate, eng_tokens = engine_in_process(model, tok, prompts, lens)
@@ -364,6 +511,7 @@ def main() -> None:
     shape = f"{min(lens)}-{max(lens)} (mean {statistics.mean(lens):.0f})" if args.mixed else str(args.max_tokens)
     print(f"\nprompt {args.prompt_tokens} tokens, output {shape} tokens per request; load average "
           f"{os.getloadavg()[0]:.2f} at the end\n")  # fmt: skip
+    print(f"CPU: {cpu_model()}; checkpoint {args.checkpoint or 'demo model, random weights'}\n")
     print(table(levels))
     print("\n| baseline | output tok/s |\n|---|---:|")
     print(f"| engine in-process (Engine.generate_batch, 1 thread) | {eng_rate:,.0f} |")
@@ -372,9 +520,9 @@ def main() -> None:
               f"| {rate:,.0f} |")  # fmt: skip
     print(f"| bare prefill forward, ms | {prefill_ms:.1f} |\n")
     verdicts = []
-    for mode in MODES:
-        top = [lv for lv in levels if lv.setting == f"serve {mode}" and lv.concurrency == max(args.concurrency)]
-        one = [lv for lv in levels if lv.setting == f"serve {mode}" and lv.concurrency == 1]
+    for mode in [s for s in args.systems if s in ("pd", "colocated")]:
+        top = [lv for lv in levels if lv.setting == LABELS[mode] and lv.concurrency == max(args.concurrency)]
+        one = [lv for lv in levels if lv.setting == LABELS[mode] and lv.concurrency == 1]
         if top:  # medians over the runs
             rate = statistics.median(lv.tok_s for lv in top)
             x = rate / ref
@@ -386,6 +534,7 @@ def main() -> None:
             ok = "PASS" if d <= TARGET_TTFT_MS else "MISS"
             verdicts.append(f"{mode}: TTFT p50 at conc 1 = bare prefill + {d:.1f} ms -> {ok} (target <= "
                             f"+{TARGET_TTFT_MS:.0f} ms)")  # fmt: skip
+    verdicts += vs_vllm(levels, max(args.concurrency))
     print("verdict:\n  " + "\n  ".join(verdicts))
     if args.json:
         args.json.write_text(json.dumps({

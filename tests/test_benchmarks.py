@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -49,13 +51,27 @@ def test_train_throughput_benchmark_quick_runs_platform_and_baseline() -> None:
 
 def test_serve_load_benchmark_quick_runs_both_modes_and_baselines() -> None:
     """Ray Serve (pd and colocated) under load, the in-process engine and transformers' generate, with the verdict."""
-    cmd = [sys.executable, "benchmarks/serve_load.py", "--quick"]
+    cmd = [sys.executable, "benchmarks/serve_load.py", "--quick", "--systems", "pd", "colocated"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert "| serve pd | 32 |" in out and "| serve colocated | 32 |" in out
     assert "transformers batched generate" in out and "engine in-process" in out
     assert "verdict:" in out and "TTFT p50 at conc 1" in out
+    assert "CPU: " in out  # every table names its CPU
+
+
+def test_serve_load_benchmark_quick_runs_vllm_backend_and_bare_vllm() -> None:
+    """The vLLM rows: the app with the vLLM backend and bare vLLM's own server, interleaved, with the ratios."""
+    pytest.importorskip("vllm")
+    cmd = [sys.executable, "benchmarks/serve_load.py", "--quick", "--systems", "vllm-colocated", "vllm"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "| serve colocated, vLLM backend | 32 |" in out and "| bare vLLM server | 32 |" in out
+    assert "vllm-colocated: tok/s at conc 32 = " in out and "x bare vLLM" in out
+    rows = [line for line in out.splitlines() if line.startswith(("| serve colocated, vLLM", "| bare vLLM server"))]
+    assert all(line.rstrip().endswith("| 0 |") for line in rows), rows  # no request failed
 
 
 def test_posttrain_eval_summary_pairs_runs_by_problem_and_seed(tmp_path: Path) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -16,7 +15,13 @@ from typing import Any
 import openai
 import pytest
 import ray
-import torch
+from serve_cases import BAD, BAD_CHAT, MODEL, TIMEOUT
+from serve_cases import assert_error as _assert_error
+from serve_cases import free_port as _free_port
+from serve_cases import hf_greedy as _hf_greedy
+from serve_cases import post as _post
+from serve_cases import sse_outcome as _sse_outcome
+from serve_cases import stream_text as _stream_text
 
 from ernie_platform.models import load_tokenizer
 from ernie_platform.serving.chat import encode_chat, render_chat
@@ -24,17 +29,9 @@ from ernie_platform.serving.chat import encode_chat, render_chat
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 KEY = "sk-test-key"
-MODEL = "ckpt"  # derived from the checkpoint directory's name
 SHORT, LONG = "Hi", "The quick brown fox jumps over the lazy dog."  # 2 and 44 tokens: local vs disaggregated prefill
 GREEDY = dict(temperature=0, max_tokens=8, extra_body={"ignore_eos": True, "return_token_ids": True})
 PARITY = dict(temperature=0, max_tokens=8, extra_body={"return_token_ids": True})  # stops at EOS, as transformers
-TIMEOUT = 120.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -69,27 +66,6 @@ def _client(urls: dict, mode: str, **kw: Any) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{urls[mode]}/v1", api_key=key, timeout=TIMEOUT, max_retries=0, **kw)
 
 
-def _post(url: str, body: Any, key: str | None = None, raw: bytes | None = None) -> tuple[int, Any]:
-    data = raw if raw is not None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    if key:
-        req.add_header("Authorization", f"Bearer {key}")
-    try:
-        with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read().decode())
-
-
-def _hf_greedy(ckpt: Path, ids: list[int], n: int) -> list[int]:
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(str(ckpt)).eval()
-    with torch.no_grad():
-        out = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n)
-    return out[0, len(ids) :].tolist()
-
-
 def test_models_health_and_greedy_parity_with_transformers(urls: dict, ckpt: Path) -> None:
     tok = load_tokenizer(ckpt)
     for mode in ("pd", "colo"):
@@ -112,15 +88,6 @@ def test_models_health_and_greedy_parity_with_transformers(urls: dict, ckpt: Pat
         r = _client(urls, mode).chat.completions.create(model=MODEL, messages=messages, **PARITY)
         assert r.choices[0].token_ids == ref and r.choices[0].message.role == "assistant"
         assert r.usage.prompt_tokens == len(ids)
-
-
-def _stream_text(stream: Any) -> tuple[str, list[Any]]:
-    chunks = list(stream)
-    text = ""
-    for c in chunks:
-        for ch in c.choices:
-            text += (ch.text if hasattr(ch, "text") else ch.delta.content) or ""
-    return text, chunks
 
 
 @pytest.mark.parametrize("mode", ["pd", "colo"])
@@ -241,57 +208,6 @@ def test_32_concurrent_requests(urls: dict) -> None:
     assert len(results) == 32 and all(ids == expect[p] for p, ids in results)
 
 
-BAD = [  # (body or raw bytes, expected status, expected param or None)
-    (b"{not json", 400, None),
-    (b"[1, 2]", 400, None),
-    ({"prompt": "x"}, 400, "model"),
-    ({"model": MODEL}, 400, "prompt"),
-    ({"model": MODEL, "prompt": 5}, 400, "prompt"),
-    ({"model": MODEL, "prompt": "x", "n": "2"}, 400, "n"),
-    ({"model": MODEL, "prompt": "x", "temperature": "hot"}, 400, "temperature"),
-    ({"model": MODEL, "prompt": "x", "stream": "yes"}, 400, "stream"),
-    ({"model": "gpt-4", "prompt": "x"}, 404, "model"),
-    ({"model": MODEL, "prompt": "x" * 300}, 400, "prompt"),
-    ({"model": MODEL, "prompt": "x", "max_tokens": 256}, 400, "prompt"),
-    ({"model": MODEL, "prompt": "x", "n": 0}, 400, "n"),
-    ({"model": MODEL, "prompt": "x", "n": 100}, 400, "n"),
-    ({"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
-    ({"model": MODEL, "prompt": "x", "temperature": 2.5}, 400, "temperature"),
-    ({"model": MODEL, "prompt": "x", "temperature": -1}, 400, "temperature"),
-    ({"model": MODEL, "prompt": "x", "top_p": 0}, 400, "top_p"),
-    ({"model": MODEL, "prompt": "x", "top_p": 1.5}, 400, "top_p"),
-    ({"model": MODEL, "prompt": "x", "logprobs": 50}, 400, "logprobs"),
-    ({"model": MODEL, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
-    ({"model": MODEL, "prompt": [[1, 2], [999999]]}, 400, "prompt"),
-    ({"model": MODEL, "prompt": ""}, 400, "prompt"),
-]
-BAD_CHAT = [
-    ({"model": MODEL, "messages": []}, 400, "messages"),
-    ({"model": MODEL, "messages": "hi"}, 400, "messages"),
-    ({"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role"),
-    ({"model": MODEL, "messages": [{"role": "user"}]}, 400, "messages[0].content"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": [
-        {"type": "text", "text": "what is this?"},
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]},
-     400, "messages[0].content[1]"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "top_logprobs"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, 400,
-     "max_completion_tokens"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "x" * 300}]}, 400, "messages"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "presence_penalty": 1}, 400, "presence_penalty"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-      "chat_template_kwargs": {"enable_thinking": "maybe"}}, 400, "chat_template_kwargs.enable_thinking"),
-]  # fmt: skip
-
-
-def _assert_error(status: int, body: Any, want_status: int, param: str | None) -> None:
-    assert status == want_status, body
-    err = body["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"] and err["type"], body
-    if param is not None:
-        assert err["param"] == param, body
-
-
 def test_bad_input_matrix_then_a_good_request(urls: dict) -> None:
     url = urls["pd"]
     for body, status, param in BAD:
@@ -403,27 +319,6 @@ def test_client_disconnect_aborts_the_request(urls: dict, mode: str, deployment:
         assert time.time() < deadline, "the request kept running after the client left"
         time.sleep(0.1)
     assert _engine_stat(urls[mode], "tokens_generated", deployment) - before < 200  # stopped early, not finished
-
-
-async def _sse_outcome(ac: openai.AsyncOpenAI, args: dict) -> str:
-    """A streamed completion read off the wire: "ok" when it ends with `data: [DONE]` after all its tokens
-    (`max_tokens`, finish_reason "length"), "error:event" when its last event before `[DONE]` is an error object;
-    anything else (a stream cut short, silently or without `[DONE]`) is reported as what it is."""
-    events: list[str] = []
-    async with ac.completions.with_streaming_response.create(stream=True, **args) as resp:
-        async for line in resp.iter_lines():
-            if line.startswith("data: "):
-                events.append(line.removeprefix("data: "))
-    if not events or events[-1] != "[DONE]":
-        return f"truncated: no [DONE] after {len(events)} events"
-    payloads = [json.loads(e) for e in events[:-1]]
-    if payloads and "error" in payloads[-1]:
-        return "error:event"
-    toks = sum(len(c.get("token_ids") or []) for p in payloads for c in p.get("choices", []))
-    finish = [c.get("finish_reason") for p in payloads for c in p.get("choices", []) if c.get("finish_reason")]
-    if toks == args["max_tokens"] and finish == ["length"]:
-        return "ok"
-    return f"truncated: {toks}/{args['max_tokens']} tokens, finish {finish}, then [DONE] without an error"
 
 
 def test_decode_replica_killed_under_load(urls: dict) -> None:

@@ -87,6 +87,11 @@ def test_parse_body_accepts_openai_shapes_and_extras() -> None:
         (dict(presence_penalty=0.5), "presence_penalty"),
         (dict(frequency_penalty=3.0), "frequency_penalty"),
         (dict(logit_bias={"1": 2.0}), "logit_bias"),
+        (dict(min_tokens=2), "min_tokens"),  # vLLM's extensions: refused by name by the native engine, not ignored
+        (dict(repetition_penalty=1.2), "repetition_penalty"),
+        (dict(min_p=0.1), "min_p"),
+        (dict(stop_token_ids=[5]), "stop_token_ids"),
+        (dict(allowed_token_ids=[5, 6]), "allowed_token_ids"),
         (dict(logprobs=21), "logprobs"),
         (dict(echo=True, logprobs=1), "echo"),
         (dict(best_of=3), "best_of"),
@@ -98,6 +103,37 @@ def test_completion_ranges(fields: dict, param: str) -> None:
     req = parse_body(_body(prompt="x", **fields), CompletionRequest)
     e = _err(completion_sampling, req, 8)
     assert (e.status, e.param) == (400, param)
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        (dict(presence_penalty=2.5), "presence_penalty"),
+        (dict(logit_bias={"x": 1.0}), "logit_bias"),
+        (dict(logit_bias={"999": 1.0}), "logit_bias"),  # outside the vocabulary of 320
+        (dict(logit_bias={"1": 101.0}), "logit_bias"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(min_p=1.5), "min_p"),
+        (dict(min_tokens=17), "min_tokens"),  # above max_tokens (16 by default)
+        (dict(min_tokens=-1), "min_tokens"),
+        (dict(stop_token_ids=[320]), "stop_token_ids"),
+        (dict(allowed_token_ids=[]), "allowed_token_ids"),
+    ],
+)
+def test_vllm_fields_are_range_checked(fields: dict, param: str) -> None:
+    req = parse_body(_body(prompt="x", **fields), CompletionRequest)
+    e = _err(completion_sampling, req, 8, "vllm", 320)
+    assert (e.status, e.param) == (400, param)
+
+
+def test_vllm_fields_reach_the_vllm_backend_by_vllms_names() -> None:
+    fields = dict(presence_penalty=0.5, frequency_penalty=-0.5, logit_bias={"7": -100}, repetition_penalty=1.1,
+                  min_p=0.05, min_tokens=3, stop_token_ids=[2], allowed_token_ids=[5, 6, 7])  # fmt: skip
+    req = parse_body(_body(prompt="x", **fields), CompletionRequest)
+    extra = completion_sampling(req, 8, "vllm", 320).params.extra
+    assert extra == {**fields, "logit_bias": {7: -100.0}}
+    neutral = dict(presence_penalty=0, frequency_penalty=0, repetition_penalty=1.0, min_p=0, min_tokens=0)
+    assert completion_sampling(parse_body(_body(prompt="x", **neutral), CompletionRequest), 8).params.extra == {}
 
 
 def test_sampling_params_from_requests() -> None:

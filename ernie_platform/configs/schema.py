@@ -33,6 +33,7 @@ __all__ = [
     "ServeConfig",
     "ServeDeploymentConfig",
     "ServeEngineConfig",
+    "ServeVLLMConfig",
     "StageConfig",
     "TrainerConfig",
     "VisionSchema",
@@ -163,6 +164,19 @@ class RunConfig:
 
 
 @dataclass
+class ServeVLLMConfig:
+    """`serve.engine.vllm`: settings of the vLLM backend (`serve.engine.backend=vllm`, docs/serving.md)."""
+
+    kv_cache_gib: int = 1  # CPU: KV cache per replica in GiB (VLLM_CPU_KVCACHE_SPACE)
+    # CPU: VLLM_CPU_OMP_THREADS_BIND; null keeps vLLM's default (auto: one OpenMP thread per physical core, pinned),
+    # nobind leaves placement to the OS (several replicas on one small machine), or core lists such as "0-1".
+    omp_threads_bind: Optional[str] = None
+    enforce_eager: bool = False  # true: no torch.compile (starts in seconds instead of about a minute, decodes slower)
+    gpu_memory_utilization: float = 0.9  # GPU: fraction of the device's memory vLLM may take
+    engine_args: Dict[str, Any] = field(default_factory=dict)  # any other vllm.AsyncEngineArgs field, applied last
+
+
+@dataclass
 class ServeEngineConfig:
     """`serve.engine`: the `Engine` each prefill / decode / colocated replica builds (docs/inference.md)."""
 
@@ -172,6 +186,10 @@ class ServeEngineConfig:
     dtype: Optional[str] = None  # None (checkpoint/fp32) | float32 | bfloat16 | float16
     device: str = "cpu"  # cpu | cuda (then give the deployment ray_actor_options.num_gpus)
     torch_threads: int = 1  # intra-op threads per replica; 1 is fastest for small models on CPU
+    # native: the platform's engine (every mode, text and VL) | vllm: vLLM's AsyncLLM in the Engine replicas
+    # (serve.mode=colocated, text checkpoints; needs the vllm extra, docs/serving.md)
+    backend: str = "native"
+    vllm: ServeVLLMConfig = field(default_factory=ServeVLLMConfig)
 
 
 @dataclass

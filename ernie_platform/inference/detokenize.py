@@ -16,6 +16,15 @@ from typing import Any, Optional
 REPLACEMENT = "\ufffd"
 
 
+def token_text(tokenizer: Any, token_id: int) -> str:
+    """A token's text for logprobs: its decoded text, or its vocabulary string when that is not whole characters
+    (a lone UTF-8 byte), so that distinct tokens keep distinct keys in `top_logprobs`."""
+    s = tokenizer.decode([token_id], skip_special_tokens=False)
+    if not s or REPLACEMENT in s:
+        s = tokenizer.convert_ids_to_tokens(token_id) or f"<token {token_id}>"
+    return s
+
+
 def decode(tokenizer: Any, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
 

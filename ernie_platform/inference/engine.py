@@ -17,7 +17,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ernie_platform.inference.detokenize import REPLACEMENT, IncrementalDetokenizer
+from ernie_platform.inference.detokenize import IncrementalDetokenizer, token_text
 from ernie_platform.inference.kv import KVPool, check_kv, kv_to_cpu
 from ernie_platform.inference.outputs import Completion, MMInputs, PrefillResult, TokenEvent, TokenLogprob
 from ernie_platform.inference.sampling import Sample, Sampler, SamplingParams, sample_rows
@@ -430,10 +430,7 @@ class Engine:
         """A token's text for logprobs: its decoded text, or its vocabulary string when that is not whole
         characters (a lone UTF-8 byte)."""
         if token_id not in self._token_text:
-            s = self.tokenizer.decode([token_id], skip_special_tokens=False)
-            if not s or REPLACEMENT in s:
-                s = self.tokenizer.convert_ids_to_tokens(token_id) or f"<token {token_id}>"
-            self._token_text[token_id] = s
+            self._token_text[token_id] = token_text(self.tokenizer, token_id)
         return self._token_text[token_id]
 
     def _finish_request(self, req: _Request, collect: bool) -> None:

@@ -27,9 +27,13 @@ class SamplingParams:
     logprobs: Optional[int] = None  # None: none; k >= 0: chosen token's logprob + top-k alternatives
     ignore_eos: bool = False
     n: int = 1  # independent choices sampled from one prompt (one prefill, n cache rows)
+    # Sampling fields only another engine implements (the vLLM backend: min_tokens, repetition_penalty, min_p,
+    # presence/frequency penalties, logit_bias, stop_token_ids, allowed_token_ids), by vLLM's names. The serving
+    # layer fills it only for that backend; this engine refuses a non-empty one rather than ignore it.
+    extra: dict[str, Any] = field(default_factory=dict)
 
-    def validate(self) -> None:
-        """Raise ValueError naming the offending field and value."""
+    def validate(self, allow_extra: bool = False) -> None:
+        """Raise ValueError naming the offending field and value (`extra` too unless the engine implements it)."""
 
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"{name}={getattr(self, name)!r} {why}")
@@ -57,6 +61,9 @@ class SamplingParams:
             raise bad("ignore_eos", "must be a bool")
         if not is_int(self.n) or self.n < 1:
             raise bad("n", "must be an integer >= 1")
+        if self.extra and not allow_extra:
+            raise ValueError(f"{', '.join(sorted(self.extra))}: not implemented by this engine "
+                             "(serve.engine.backend=vllm implements them)")  # fmt: skip
 
 
 @dataclass

@@ -7,8 +7,9 @@ its name and limits) and binds the deployment graph:
     colocated:  Ingress(cfg, None, Engine)         Engine = EngineServer("colocated")
 
 `run_server(cfg)` connects to Ray (`ernie_platform.runtime.connect_ray`: RAY_ADDRESS, a running local cluster,
-or a new local instance; RAY_ADDRESS=local forces a new one; an address that does not answer exits with its
-message), starts Serve's HTTP proxy on serve.host:serve.port, deploys the app and blocks until SIGINT/SIGTERM, then
+or a new local instance; RAY_ADDRESS=local forces a new one; an address that does not answer raises
+`RayConnectionError`, which `python -m workloads.serve` prints as one line), starts Serve's HTTP proxy on
+serve.host:serve.port, deploys the app and blocks until SIGINT/SIGTERM, then
 deletes the app (and shuts Serve and Ray down when it started them).
 """
 
@@ -20,7 +21,6 @@ import logging
 import math
 import os
 import signal
-import sys
 import threading
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from ernie_platform.configs.schema import ServeConfig
 from ernie_platform.models.config import TEXT_MODEL_TYPES, VL_MODEL_TYPES
 from ernie_platform.serving.auth import resolve_api_key
+from ernie_platform.serving.engines import BACKENDS, backend_problem, engine_class
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,14 @@ def validate_serve(s: dict[str, Any]) -> None:
         raise bad("max_concurrent_tokenizations", "must be >= 1")
     if e["dtype"] not in (None, "float32", "bfloat16", "float16"):
         raise bad("engine.dtype", "is not valid (null, float32, bfloat16 or float16)")
+    if e.get("backend", "native") not in BACKENDS:
+        raise bad("engine.backend", f"is not valid (expected {' or '.join(BACKENDS)})")
+    if e.get("backend") == "vllm":
+        v = e.get("vllm") or {}
+        if int(v.get("kv_cache_gib") or 0) < 1:
+            raise bad("engine.vllm.kv_cache_gib", "must be >= 1 (GiB of KV cache per replica)")
+        if not 0 < float(v.get("gpu_memory_utilization", 0.9)) <= 1:
+            raise bad("engine.vllm.gpu_memory_utilization", "must be in (0, 1]")
     for name in ("ingress", "prefill", "decode", "colocated"):
         d = s[name]
         if int(d["num_replicas"]) < 1 and not d["autoscaling_config"]["enabled"]:
@@ -202,6 +211,10 @@ def resolve_serve_config(cfg: Union[DictConfig, dict[str, Any]]) -> dict[str, An
     plain["model"]["path"] = path
     limits = model_limits(path)
     e = s["engine"]
+    problem = backend_problem(e.get("backend", "native"), s["mode"], path, limits.get("vision") is not None,
+                              e.get("device", "cpu"))  # fmt: skip
+    if problem:
+        raise ValueError(f"config: {problem}")
     max_seq_len = min(int(e["max_seq_len"]), limits["max_position_embeddings"])
     budget = e["kv_budget_tokens"] or int(e["max_batch_size"]) * max_seq_len
     replicas = {name: _replica_count(s[name]) for name in ("prefill", "decode", "colocated")}
@@ -255,7 +268,6 @@ def build_application(cfg: Union[DictConfig, dict[str, Any]]) -> Any:
     """The bound Serve application (ingress deployment at the root of the graph)."""
     from ray import serve
 
-    from ernie_platform.serving.engine_server import EngineServer
     from ernie_platform.serving.ingress import Ingress
 
     plain = cfg if isinstance(cfg, dict) and "resolved" in cfg.get("serve", {}) else resolve_serve_config(cfg)
@@ -265,6 +277,7 @@ def build_application(cfg: Union[DictConfig, dict[str, Any]]) -> Any:
     graceful = float(s["graceful_shutdown_timeout_s"])
     ingress_cfg = {
         "mode": s["mode"],
+        "backend": s["engine"].get("backend", "native"),
         "model_name": r["model_name"],
         "model_path": r["model_path"],
         "api_key": r["api_key"],
@@ -294,6 +307,7 @@ def build_application(cfg: Union[DictConfig, dict[str, Any]]) -> Any:
         return serve.deployment(cls).options(**opts)
 
     path = r["model_path"]
+    EngineServer = engine_class(s["engine"].get("backend", "native"))  # noqa: N806 - a class
     if s["mode"] == "pd":
         prefill = dep(EngineServer, "Prefill", "prefill", "prefill").bind("prefill", path, engine_cfg)
         engine = dep(EngineServer, "Decode", "decode", "decode").bind("decode", path, engine_cfg)
@@ -314,7 +328,7 @@ def run_server(cfg: Union[DictConfig, dict[str, Any]]) -> None:
     import ray
     from ray import serve
 
-    from ernie_platform.runtime import RayConnectionError, connect_ray
+    from ernie_platform.runtime import connect_ray
 
     plain = resolve_serve_config(cfg)
     s, r = plain["serve"], plain["serve"]["resolved"]
@@ -323,13 +337,7 @@ def run_server(cfg: Union[DictConfig, dict[str, Any]]) -> None:
         # Read by the HTTP proxy of a Ray instance this process starts (inherited environment): proxy -> ingress
         # over gRPC too. A cluster we join keeps its own setting.
         os.environ.setdefault("RAY_SERVE_PROXY_USE_GRPC", "1")
-    try:
-        where = connect_ray(cpus_needed(s))
-    except RayConnectionError as exc:
-        # run_server is the body of `python -m workloads.serve`: the message says what to fix, so exit with it alone
-        # (Hydra would wrap an exception in a traceback).
-        print(f"[serve] {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
+    where = connect_ray(cpus_needed(s))  # RayConnectionError: the caller reports it (workloads/serve)
     local = where == "new local instance"
     name = r["model_name"]
     print(f"[serve] Ray: {where}; model {name} ({r['model_path'] or 'demo model, random weights'}); "

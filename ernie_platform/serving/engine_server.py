@@ -20,6 +20,7 @@ import time
 from typing import Any, AsyncIterator, Optional, Union
 
 from ernie_platform.inference import AsyncEngine, Engine, MMInputs, PrefillResult, SamplingParams
+from ernie_platform.serving.engines import replica_identity
 from ernie_platform.serving.metrics import engine_gauges
 from ernie_platform.serving.responses import KVRef, Tok
 
@@ -61,7 +62,7 @@ class EngineServer:
         self.role = role
         self.engine = build_engine(model_path, engine_cfg, role)
         self.aeng = AsyncEngine(self.engine)
-        self.replica, self.deployment, in_serve = _replica_identity(role)
+        self.replica, self.deployment, in_serve = replica_identity(role)
         self._gauges = engine_gauges() if in_serve else None
         self._closed = threading.Event()
         self._pending: list[tuple[list[int], SamplingParams, asyncio.Future, Optional[MMInputs]]] = []
@@ -231,14 +232,3 @@ class EngineServer:
 def _cost(prompt_tokens: int, params: SamplingParams, prefill: bool) -> tuple[int, int, int]:
     """(sequences, KV tokens, prompt tokens to prefill here) of a request."""
     return params.n, params.n * (prompt_tokens + params.max_tokens), prompt_tokens if prefill else 0
-
-
-def _replica_identity(role: str) -> tuple[str, str, bool]:
-    """(replica id, deployment name, inside a Serve replica)."""
-    try:
-        from ray import serve
-
-        ctx = serve.get_replica_context()
-        return ctx.replica_id.unique_id, ctx.deployment, True
-    except Exception:  # outside Serve (unit use)
-        return "local", role, False

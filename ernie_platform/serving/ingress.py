@@ -107,9 +107,13 @@ def load_serving_tokenizer(path: Optional[str]) -> Any:
     return checkpoint_tokenizer(path)
 
 
-def _message(e: BaseException) -> str:
+def _cause(e: BaseException) -> BaseException:
     cause = getattr(e, "cause", None)  # RayTaskError keeps the replica's exception here
-    return str(cause if isinstance(cause, BaseException) else e).strip().splitlines()[-1]
+    return cause if isinstance(cause, BaseException) else e
+
+
+def _message(e: BaseException) -> str:
+    return str(_cause(e)).strip().splitlines()[-1]
 
 
 def to_api_error(e: BaseException) -> APIError:
@@ -117,7 +121,7 @@ def to_api_error(e: BaseException) -> APIError:
         return e
     if isinstance(e, ValueError):  # the engine's own checks (also RayTaskError(ValueError) from a replica)
         return bad_request(_message(e), code="invalid_value")
-    if isinstance(e, REPLICA_FAILURES):
+    if isinstance(e, REPLICA_FAILURES) or type(_cause(e)).__name__ == "EngineDeadError":  # vLLM's engine core died
         return APIError(503, f"engine replica unavailable: {_message(e)}", "server_error", None, "engine_unavailable")
     if isinstance(e, BackPressureError):
         return APIError(503, "server overloaded, retry later", "server_error", None, "overloaded")
@@ -162,6 +166,7 @@ class Ingress:
     def __init__(self, cfg: dict[str, Any], prefill: Any, engine: Any):
         self.cfg = cfg
         self.model = cfg["model_name"]
+        self.backend = cfg.get("backend", "native")
         self.tokenizer = load_serving_tokenizer(cfg["model_path"])
         self.think_end = chatfmt.think_end_id(self.tokenizer)
         self.image_processor = _image_processor(cfg.get("vision"))
@@ -476,7 +481,7 @@ class Ingress:
     async def _completions(self, request: Request, t0: float) -> Response:
         req: CompletionRequest = parse_body(await self._read_body(request), CompletionRequest)
         self._check_model(req.model)
-        s = completion_sampling(req, self.cfg["max_n"])
+        s = completion_sampling(req, self.cfg["max_n"], self.backend, self.cfg["vocab_size"])
         prompts = await self._tokenize(self._prompts, req.prompt)
         rid = f"cmpl-{uuid.uuid4().hex}"
         jobs = []
@@ -564,7 +569,7 @@ class Ingress:
     async def _chat(self, request: Request, t0: float) -> Response:
         req: ChatRequest = parse_body(await self._read_body(request), ChatRequest)
         self._check_model(req.model)
-        s = chat_sampling(req, self.cfg["max_n"])
+        s = chat_sampling(req, self.cfg["max_n"], self.backend, self.cfg["vocab_size"])
         thinking = bool(thinking_requested(req))  # off unless the request turns it on
         ids, mm = await self._tokenize(self._chat_prompt, req, thinking)
         params = s.params

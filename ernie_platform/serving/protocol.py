@@ -3,7 +3,10 @@
 Bodies are parsed with pydantic in strict JSON mode, so `"n": "2"` or `"temperature": "hot"` is a 400 rather than
 silently coerced. Every rejection is an `APIError`, rendered by the ingress as OpenAI's error object
 `{"error": {"message", "type", "param", "code"}}`. Unknown fields are accepted and ignored (clients send extras), except
-the few OpenAI features the engine does not implement, which are rejected by name instead of being ignored.
+the few OpenAI features the engine does not implement, which are rejected by name instead of being ignored. vLLM's
+sampling extensions (min_tokens, repetition_penalty, min_p, stop_token_ids, allowed_token_ids) and OpenAI's
+presence/frequency penalties and logit_bias go to the engine with `serve.engine.backend=vllm`
+(`SamplingParams.extra`) and are refused by name with the native engine.
 """
 
 from __future__ import annotations
@@ -72,6 +75,12 @@ class _Common(BaseModel):
     top_k: Optional[int] = None  # 0 or -1: off
     ignore_eos: Optional[bool] = False
     return_token_ids: Optional[bool] = False  # choices carry `token_ids` (prompt ids in `prompt_token_ids`)
+    # vLLM's sampling extensions: honoured with serve.engine.backend=vllm, refused by name with the native engine
+    min_tokens: Optional[int] = None
+    repetition_penalty: Optional[float] = None
+    min_p: Optional[float] = None
+    stop_token_ids: Optional[list[int]] = None
+    allowed_token_ids: Optional[list[int]] = None
 
 
 class CompletionRequest(_Common):
@@ -146,7 +155,13 @@ def _check_range(name: str, value: Any, lo: float, hi: float, lo_open: bool = Fa
 
 
 def sampling_from_request(
-    req: _Common, max_n: int, logprobs: Optional[int], max_tokens: Optional[int], max_tokens_name: str = "max_tokens"
+    req: _Common,
+    max_n: int,
+    logprobs: Optional[int],
+    max_tokens: Optional[int],
+    max_tokens_name: str = "max_tokens",
+    backend: str = "native",
+    vocab_size: Optional[int] = None,
 ) -> Sampling:
     """Range checks (OpenAI's bounds, plus the engine's) and the `SamplingParams` of a request."""
     _check_range("temperature", req.temperature, 0.0, 2.0)
@@ -163,13 +178,11 @@ def sampling_from_request(
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stop) > MAX_STOP or any(not s for s in stop):
         raise bad_request(f"stop must be at most {MAX_STOP} non-empty strings", "stop", "invalid_value")
-    for name in ("presence_penalty", "frequency_penalty"):
-        v = getattr(req, name)
-        _check_range(name, v, -2.0, 2.0)
-        if v:
-            raise bad_request(f"{name} is not supported by this server (only 0)", name, "unsupported_parameter")
-    if req.logit_bias:
-        raise bad_request("logit_bias is not supported by this server", "logit_bias", "unsupported_parameter")
+    extra = vllm_fields(req, max_tokens, vocab_size)
+    if extra and backend != "vllm":
+        name = next(iter(extra))
+        raise bad_request(f"{name} is not supported by this server's engine (serve.engine.backend={backend}; the vllm "
+                          "backend supports it)", name, "unsupported_parameter")  # fmt: skip
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options is only allowed with stream=true", "stream_options", "invalid_value")
@@ -184,11 +197,62 @@ def sampling_from_request(
         logprobs=logprobs,
         ignore_eos=bool(req.ignore_eos),
         n=n,
+        extra=extra,
     )
     return Sampling(params, bool(req.stream), include_usage, bool(req.return_token_ids))
 
 
-def completion_sampling(req: CompletionRequest, max_n: int) -> Sampling:
+def vllm_fields(req: _Common, max_tokens: Optional[int], vocab_size: Optional[int]) -> dict[str, Any]:
+    """The request's sampling fields that only the vLLM backend implements, range-checked (vLLM's and OpenAI's
+    bounds) and keyed by vLLM's `SamplingParams` names; fields at their no-op value are left out."""
+    out: dict[str, Any] = {}
+    for name in ("presence_penalty", "frequency_penalty"):
+        v = getattr(req, name)
+        _check_range(name, v, -2.0, 2.0)
+        if v:
+            out[name] = float(v)
+    if req.logit_bias:
+        bias = {}
+        for k, v in req.logit_bias.items():
+            if not k.lstrip("-").isdigit() or not _in_vocab(int(k), vocab_size):
+                raise bad_request(f"logit_bias key {k!r} is not a token id of this model", "logit_bias",
+                                  "invalid_value")  # fmt: skip
+            _check_range("logit_bias", v, -100.0, 100.0)
+            bias[int(k)] = float(v)
+        out["logit_bias"] = bias
+    if req.repetition_penalty is not None:
+        _check_range("repetition_penalty", req.repetition_penalty, 0.0, 2.0, lo_open=True)
+        if req.repetition_penalty != 1.0:
+            out["repetition_penalty"] = float(req.repetition_penalty)
+    if req.min_p is not None:
+        _check_range("min_p", req.min_p, 0.0, 1.0)
+        if req.min_p:
+            out["min_p"] = float(req.min_p)
+    if req.min_tokens is not None:
+        if req.min_tokens < 0 or (max_tokens is not None and req.min_tokens > max_tokens):
+            raise bad_request(f"min_tokens={req.min_tokens} must be in [0, max_tokens]", "min_tokens", "invalid_value")
+        if req.min_tokens:
+            out["min_tokens"] = int(req.min_tokens)
+    for name in ("stop_token_ids", "allowed_token_ids"):
+        ids = getattr(req, name)
+        if ids is None:
+            continue
+        bad = [t for t in ids if not _in_vocab(t, vocab_size)]
+        if bad or (name == "allowed_token_ids" and not ids):
+            what = f"token ids {bad[:5]} are not in this model's vocabulary" if bad else "must not be empty"
+            raise bad_request(f"{name}: {what}", name, "invalid_value")
+        if ids:
+            out[name] = list(ids)
+    return out
+
+
+def _in_vocab(token_id: int, vocab_size: Optional[int]) -> bool:
+    return token_id >= 0 and (vocab_size is None or token_id < vocab_size)
+
+
+def completion_sampling(
+    req: CompletionRequest, max_n: int, backend: str = "native", vocab_size: Optional[int] = None
+) -> Sampling:
     if req.suffix is not None:
         raise bad_request("suffix is not supported by this server", "suffix", "unsupported_parameter")
     if req.best_of is not None and req.best_of != (req.n or 1):
@@ -197,10 +261,11 @@ def completion_sampling(req: CompletionRequest, max_n: int) -> Sampling:
         raise bad_request(f"logprobs={req.logprobs} is out of range [0, {MAX_LOGPROBS}]", "logprobs", "invalid_value")
     if req.echo and req.logprobs is not None:
         raise bad_request("echo with logprobs (prompt logprobs) is not supported", "echo", "unsupported_parameter")
-    return sampling_from_request(req, max_n, req.logprobs, 16 if req.max_tokens is None else req.max_tokens)
+    max_tokens = 16 if req.max_tokens is None else req.max_tokens
+    return sampling_from_request(req, max_n, req.logprobs, max_tokens, "max_tokens", backend, vocab_size)
 
 
-def chat_sampling(req: ChatRequest, max_n: int) -> Sampling:
+def chat_sampling(req: ChatRequest, max_n: int, backend: str = "native", vocab_size: Optional[int] = None) -> Sampling:
     if req.tools or req.tool_choice not in (None, "none"):
         raise bad_request("tools / tool_choice are not supported by this server", "tools", "unsupported_parameter")
     fmt = (req.response_format or {}).get("type", "text")
@@ -216,7 +281,7 @@ def chat_sampling(req: ChatRequest, max_n: int) -> Sampling:
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    return sampling_from_request(req, max_n, logprobs, max_tokens, name)
+    return sampling_from_request(req, max_n, logprobs, max_tokens, name, backend, vocab_size)
 
 
 def thinking_requested(req: ChatRequest) -> Optional[bool]:

@@ -29,9 +29,15 @@ register_configs()
 @hydra.main(config_path="../../conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
     validate_config(cfg)
+    from ernie_platform.runtime import RayConnectionError
     from ernie_platform.serving import run_server
 
-    run_server(cfg)
+    try:
+        run_server(cfg)
+    except RayConnectionError as exc:
+        # The message says what to fix: exit with it alone (Hydra would wrap the exception in a traceback).
+        print(f"[serve] {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 def _refuse_key_on_command_line(argv: list[str]) -> None:
