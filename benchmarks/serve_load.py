@@ -342,7 +342,8 @@ def serve_levels(ckpt: str, args: argparse.Namespace, lens: list[int]) -> list[L
             port = stack.enter_context(local_serve())
             common = {"model.path": ckpt, "serve.engine.max_seq_len": max_len,
                       "serve.engine.max_batch_size": args.max_seqs, "serve.engine.vllm.kv_cache_gib": args.vllm_kv_gib,
-                      "serve.engine.vllm.enforce_eager": args.vllm_eager}  # fmt: skip
+                      "serve.engine.vllm.enforce_eager": args.vllm_eager,
+                      **dict(kv.split("=", 1) for kv in args.app_override)}  # fmt: skip
             t0 = time.perf_counter()
             serve.run_many([serve.RunTarget(build_app({**common, **APPS[s][1]}), name=s, route_prefix=APPS[s][0])
                             for s in apps])  # fmt: skip
@@ -458,6 +459,8 @@ def main() -> None:
     p.add_argument("--max-seqs", type=int, default=32, help="sequences decoded together, every engine")
     p.add_argument("--vllm-kv-gib", type=int, default=1, help="vLLM's CPU KV cache (GiB), both vLLM systems")
     p.add_argument("--vllm-eager", action="store_true", help="both vLLM systems without torch.compile (--quick)")
+    p.add_argument("--app-override", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every Serve app (serve.engine.vllm.stream_interval_ms=20)")  # fmt: skip
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
     if args.quick:

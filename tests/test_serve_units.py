@@ -473,3 +473,36 @@ def test_prefill_replica_batches_concurrent_prompts_like_one_by_one(tmp_path: Pa
                 torch.testing.assert_close(v1, v2, atol=1e-5, rtol=1e-5)
     finally:
         server.__del__()
+
+
+def test_engine_replica_coalesces_tokens_of_concurrent_streams_only(tiny_moe_ckpt) -> None:
+    """serve.engine.stream_interval_ms: with two streams on the replica each message carries the tokens of up to one
+    interval (fewer hops per token); a stream alone gets every step's token at once (no ITL cost at low load)."""
+    import asyncio
+
+    from ernie_platform.inference import SamplingParams
+    from ernie_platform.serving.engine_server import EngineServer
+
+    cfg = {"max_batch_size": 4, "max_seq_len": 64, "kv_budget_tokens": None, "dtype": None, "device": "cpu",
+           "torch_threads": 1, "max_n": 2, "stream_interval_ms": 150}  # fmt: skip
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+
+    async def stream(server: EngineServer, rid: str) -> list[tuple[float, int]]:
+        return [(time.perf_counter(), len(toks)) async for toks in server.generate(rid, [16, 17, 18], params)]
+
+    async def run() -> tuple[list, list]:
+        server = EngineServer("colocated", str(tiny_moe_ckpt), cfg)
+        try:
+            alone = await stream(server, "a")
+            a, b = await asyncio.gather(stream(server, "b"), stream(server, "c"))
+            return alone, [a, b]
+        finally:
+            server.__del__()
+
+    alone, pair = asyncio.run(run())
+    assert sum(k for _, k in alone) == 24 and len(alone) >= 12  # about one message per step
+    for msgs in pair:
+        assert sum(k for _, k in msgs) == 24
+        assert len(msgs) < 12  # several tokens per message
+        gaps = [t1 - t0 for (t0, _), (t1, _) in zip(msgs, msgs[1:-1])]
+        assert all(g >= 0.14 for g in gaps), gaps  # at most one message per interval, the last one aside

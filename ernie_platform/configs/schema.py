@@ -186,6 +186,11 @@ class ServeEngineConfig:
     dtype: Optional[str] = None  # None (checkpoint/fp32) | float32 | bfloat16 | float16
     device: str = "cpu"  # cpu | cuda (then give the deployment ray_actor_options.num_gpus)
     torch_threads: int = 1  # intra-op threads per replica; 1 is fastest for small models on CPU
+    # With several streams on an engine replica, each stream's tokens go out at most every this many ms, several per
+    # message: fewer hops per token through Serve, the ingress and the proxy, which is most of the serving path's
+    # per-token cost (docs/benchmarks.md). A lone stream is never held (no ITL cost at low load). 0: every step's
+    # tokens as soon as they are ready. 50 is Ray Serve LLM's default (RAYLLM_MODEL_RESPONSE_BATCH_TIMEOUT_MS).
+    stream_interval_ms: float = 50.0
     # native: the platform's engine (every mode, text and VL) | vllm: vLLM's AsyncLLM in the Engine replicas
     # (serve.mode=colocated, text checkpoints; needs the vllm extra, docs/serving.md)
     backend: str = "native"

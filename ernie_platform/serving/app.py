@@ -139,6 +139,9 @@ def validate_serve(s: dict[str, Any]) -> None:
         raise bad("max_concurrent_tokenizations", "must be >= 1")
     if e["dtype"] not in (None, "float32", "bfloat16", "float16"):
         raise bad("engine.dtype", "is not valid (null, float32, bfloat16 or float16)")
+    interval = e.get("stream_interval_ms", 0)
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 0 <= interval <= 1000:
+        raise bad("engine.stream_interval_ms", "must be a number of milliseconds in [0, 1000]")
     if e.get("backend", "native") not in BACKENDS:
         raise bad("engine.backend", f"is not valid (expected {' or '.join(BACKENDS)})")
     if e.get("backend") == "vllm":

@@ -68,6 +68,8 @@ class EngineServer:
         self._pending: list[tuple[list[int], SamplingParams, asyncio.Future, Optional[MMInputs]]] = []
         self._batcher: Optional[asyncio.Task] = None
         self._prefilling_tokens = 0  # prompt tokens of the prefill forward running now (prefill role)
+        self._active = 0  # generate streams in flight here
+        self.stream_interval_s = float(engine_cfg.get("stream_interval_ms") or 0.0) / 1000
         # generate calls not in the engine's queue yet (a decode replica first fetches the prefill result): they
         # count as waiting in the routing stats, or a burst would look like an idle replica until it lands.
         self._arriving: dict[str, tuple[int, int, int]] = {}  # request id -> (seqs, KV tokens, prompt to prefill)
@@ -156,9 +158,17 @@ class EngineServer:
                 q.put_nowait(e)
 
         task = asyncio.create_task(pump())
+        loop = asyncio.get_running_loop()
+        last = 0.0
+        self._active += 1
         try:
             while True:
                 items = [await q.get()]
+                # Several streams at once: hold this stream's tokens until `stream_interval_s` after its last
+                # message, so each message carries several (serve.engine.stream_interval_ms). One alone is never held.
+                wait = last + self.stream_interval_s - loop.time()
+                if self._active > 1 and wait > 0 and items[0] is not _END and not isinstance(items[0], BaseException):
+                    await asyncio.sleep(wait)
                 while not q.empty():
                     items.append(q.get_nowait())
                 out: list[Tok] = []
@@ -173,9 +183,11 @@ class EngineServer:
                                        self.engine.token_text(it.token_id) if want_tokens else None))  # fmt: skip
                 if out:
                     yield out
+                    last = loop.time()
                 if end:
                     return
         finally:
+            self._active -= 1
             self._arriving.pop(request_id, None)
             if not task.done():
                 task.cancel()  # closes the AsyncEngine stream, which aborts the request

@@ -27,6 +27,7 @@ the prompt's KV between engines (issue #17), so `serve.mode=pd` with this backen
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -39,6 +40,7 @@ from ernie_platform.serving.engines import replica_identity
 from ernie_platform.serving.responses import Tok
 
 log = logging.getLogger(__name__)
+_END = object()
 
 
 def vllm_environment(vcfg: dict[str, Any], device: str) -> dict[str, str]:
@@ -205,6 +207,8 @@ class VLLMEngineServer:
         self._arriving: dict[str, tuple[int, int, int]] = {}  # request id -> (seqs, KV tokens, prompt tokens)
         self._counters = {"requests_finished": 0, "tokens_generated": 0}
         self._texts: dict[int, str] = {}  # token id -> its text for logprobs
+        self._active = 0  # generate streams in flight here
+        self.stream_interval_s = float(engine_cfg.get("stream_interval_ms") or 0.0) / 1000
         log.info("vLLM %s replica %s ready in %.1f s (max_num_seqs=%d, max_model_len=%d, KV %d tokens)", role,
                  self.replica, self.start_s, self.max_batch_size, int(engine_cfg["max_seq_len"]),
                  self.kv_budget_tokens)  # fmt: skip
@@ -241,30 +245,63 @@ class VLLMEngineServer:
         params.validate(allow_extra=True)
         sp = vllm_sampling(params)
         self._arriving[request_id] = (params.n, params.n * (len(prompt) + params.max_tokens), len(prompt))
-        scheduled = False
         so_far: dict[int, tuple[list[int], list[str]]] = {}  # choice -> (token ids, text pieces) sent
+        q: asyncio.Queue = asyncio.Queue()
+        self._active += 1
+
+        async def pump() -> None:
+            try:
+                async for out in self.llm.generate({"prompt_token_ids": prompt}, sp, request_id):
+                    self._arriving.pop(request_id, None)  # scheduled: vLLM's stats count it from here
+                    q.put_nowait(out)
+                q.put_nowait(_END)
+            except BaseException as e:  # noqa: B036 - handed to the consumer, which re-raises it
+                q.put_nowait(e)
+
+        task = asyncio.create_task(pump())
+        loop = asyncio.get_running_loop()
+        last = 0.0
         try:
-            async for out in self.llm.generate({"prompt_token_ids": prompt}, sp, request_id):
-                if not scheduled:
-                    scheduled = True
-                    self._arriving.pop(request_id, None)
+            while True:
+                items = [await q.get()]
+                # Several streams at once: hold this stream's tokens until `stream_interval_s` after its last
+                # message, so each message carries several (serve.engine.stream_interval_ms). One alone is never held.
+                wait = last + self.stream_interval_s - loop.time()
+                if self._active > 1 and wait > 0 and items[0] is not _END and not isinstance(items[0], BaseException):
+                    await asyncio.sleep(wait)
+                while not q.empty():
+                    items.append(q.get_nowait())
                 toks: list[Tok] = []
-                for o in out.outputs:
-                    new = toks_of_delta(o, params.logprobs, self.think_end, self._decode, self._token_text, want_tokens)
-                    ids, texts = so_far.setdefault(o.index, ([], []))
-                    ids += [t.token_id for t in new]
-                    texts += [t.text for t in new]
-                    if new and o.finish_reason is not None and not isinstance(o.stop_reason, str):
-                        new[-1] = self._flush(new[-1], ids, "".join(texts))
-                    toks += new
+                end = False
+                for out in items:
+                    if out is _END:
+                        end = True
+                        break
+                    if isinstance(out, BaseException):
+                        raise out
+                    for o in out.outputs:
+                        new = toks_of_delta(o, params.logprobs, self.think_end, self._decode, self._token_text,
+                                            want_tokens)  # fmt: skip
+                        ids, texts = so_far.setdefault(o.index, ([], []))
+                        ids += [t.token_id for t in new]
+                        texts += [t.text for t in new]
+                        if new and o.finish_reason is not None and not isinstance(o.stop_reason, str):
+                            new[-1] = self._flush(new[-1], ids, "".join(texts))
+                        toks += new
                 if toks:
                     self._counters["tokens_generated"] += len(toks)
                     yield toks
-            self._counters["requests_finished"] += 1
+                    last = loop.time()
+                if end:
+                    self._counters["requests_finished"] += 1
+                    return
         finally:
-            # A consumer that stops early (client gone, replica shutting down) closes this generator; vLLM's
-            # generate aborts the request when it is closed.
+            # The consumer stopped (finished, client gone, replica shutting down): cancelling the pump closes vLLM's
+            # generate, which aborts the request if it is still running.
+            self._active -= 1
             self._arriving.pop(request_id, None)
+            if not task.done():
+                task.cancel()
 
     def _stats(self) -> dict[str, float]:
         arriving = list(self._arriving.values())
