@@ -4,8 +4,8 @@ two choices on ongoing requests), one after the other on one local Ray instance.
 
 Run from the repository root:
 
-    python benchmarks/serve_routing.py                    # 96 requests, 12 concurrent clients, both routers
-    python benchmarks/serve_routing.py --requests 48 --routers load
+    python benchmarks/serve_routing.py                    # 96 requests, 12 clients, both routers, 3 runs
+    python benchmarks/serve_routing.py --requests 48 --routers load --runs 1
 
 Workload (the same list, in the same order, for each router): every 4th request is heavy (`n=4` choices and
 `--heavy-tokens` output tokens each), the others light (`n=1`, `--light-tokens`); every prompt has
@@ -18,7 +18,9 @@ Measured per router: every `--sample-s` the driver reads each Decode replica's l
 sequences); `seq max/mean` is the mean over samples (with any load) of max over replicas / mean over replicas (1.0 =
 even); `seq-s share` is each replica's share of the summed sequence load over time. Per replica at the end, from
 `Engine.stats()`: requests and generated tokens. Plus wall time, output tok/s and TTFT p50 / p99.
-The demo MoE model (random weights) is served; results: docs/benchmarks.md ("Request routing").
+`--runs R` (default 3) repeats both routers R times, the order alternating (load first, then pow2 first, ...), and
+ends with medians over the runs with their ranges. `--checkpoint` serves a trained text checkpoint (byte-level
+tokenizer) instead of the demo MoE's random weights; results: docs/benchmarks.md ("Request routing").
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from typing import Any
 if __package__ in (None, ""):  # `python benchmarks/serve_routing.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.serve_load import local_serve, pct, stream_completion  # noqa: E402
+from benchmarks.serve_load import cpu_model, local_serve, med_range, pct, stream_completion  # noqa: E402
 
 
 def workload(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -101,6 +103,7 @@ def run_router(router: str, ckpt: str, port: int, reqs: list[dict[str, Any]], ar
     import ray
     from ray import serve
 
+    from ernie_platform.serving.app import model_name_for
     from workloads.serve.app import build_app
 
     app = f"r_{router}"
@@ -113,7 +116,8 @@ def run_router(router: str, ckpt: str, port: int, reqs: list[dict[str, Any]], ar
     url = f"http://127.0.0.1:{port}/{app}/v1"
     print(f"[{router}] app up in {time.perf_counter() - t0:.1f} s", flush=True)
     warm = [dict(r, max_tokens=2) for r in reqs[:4]]
-    asyncio.run(drive(url, Path(ckpt).name, warm, 4))
+    name = model_name_for(ckpt)
+    asyncio.run(drive(url, name, warm, 4))
     before = engine_stats(app, 2)
     actors = decode_actors(app)
     assert len(actors) == 2, actors
@@ -130,7 +134,7 @@ def run_router(router: str, ckpt: str, port: int, reqs: list[dict[str, Any]], ar
 
     th = threading.Thread(target=sampler, daemon=True)
     th.start()
-    wall, results = asyncio.run(drive(url, Path(ckpt).name, reqs, args.concurrency))
+    wall, results = asyncio.run(drive(url, name, reqs, args.concurrency))
     stop.set()
     th.join()
     after = engine_stats(app, 2)
@@ -149,15 +153,16 @@ def run_router(router: str, ckpt: str, port: int, reqs: list[dict[str, Any]], ar
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| router | seq max/mean (time avg) | seq-s share per replica | requests per replica | output tokens per "
-           "replica | tokens max/mean | wall s | output tok/s | TTFT p50 ms | TTFT p99 ms |",
-           "|---|---:|---|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    out = ["| run | router | seq max/mean (time avg) | seq-s share per replica | requests per replica | output tokens "
+           "per replica | tokens max/mean | wall s | output tok/s | TTFT p50 ms | TTFT p99 ms |",
+           "|---:|---|---:|---|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in rows:
         toks = [p["tokens"] for p in r["per"]]
         tmm = max(toks) / (sum(toks) / len(toks)) if sum(toks) else float("nan")
         share = " / ".join(f"{s:.2f}" for s in r["share"])
         nreq = " / ".join(str(p["requests"]) for p in r["per"])
-        out.append(f"| {r['router']} | {r['seq_ratio']:.2f} ({r['samples']} samples) | {share} | {nreq} | "
+        out.append(f"| {r.get('run', 1)} | {r['router']} | {r['seq_ratio']:.2f} ({r['samples']} samples) | {share} | "
+                   f"{nreq} | "
                    f"{' / '.join(str(t) for t in toks)} | {tmm:.2f} | {r['wall_s']:.1f} | "
                    f"{r['tokens'] / r['wall_s']:,.0f} | {pct(r['ttft'], 50):.0f} | "
                    f"{pct(r['ttft'], 99):.0f} |")  # fmt: skip
@@ -175,6 +180,8 @@ def main() -> None:
     ap.add_argument("--stats-period-s", type=float, default=1.0)
     ap.add_argument("--sample-s", type=float, default=0.1)
     ap.add_argument("--routers", default="load,pow2")
+    ap.add_argument("--runs", type=int, default=3, help="repetitions of every router, order alternating")
+    ap.add_argument("--checkpoint", default=None, help="text checkpoint to serve (default: the demo model)")
     args = ap.parse_args()
 
     import ray
@@ -184,22 +191,48 @@ def main() -> None:
     from ernie_platform.inference.loading import load_model_and_tokenizer
     from ernie_platform.models import save_pretrained
 
-    print(f"machine: {os.cpu_count()} logical CPUs, load average {os.getloadavg()[0]:.2f} at start; Ray "
-          f"{ray.__version__}", flush=True)  # fmt: skip
-    model, tok = load_model_and_tokenizer(None)
+    print(f"CPU: {cpu_model()}; machine: {os.cpu_count()} logical CPUs, load average {os.getloadavg()[0]:.2f} at "
+          f"start; Ray {ray.__version__}", flush=True)  # fmt: skip
+    model, tok = load_model_and_tokenizer(args.checkpoint)
     reqs = workload(args)
+    routers = args.routers.split(",")
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = str(save_pretrained(model, Path(tmp) / "ernie45-demo", tokenizer=tok))
+        if args.checkpoint:
+            ckpt = str(Path(args.checkpoint).resolve())
+        else:
+            ckpt = str(save_pretrained(model, Path(tmp) / "ernie45-demo", tokenizer=tok))
         del model
         with local_serve() as port:
             rows = []
-            for router in args.routers.split(","):
-                rows.append(run_router(router, ckpt, port, reqs, args))
-                print(table(rows[-1:]), flush=True)
-    print(f"\n{args.requests} requests (1 in 4 heavy: n=4 x {args.heavy_tokens} tokens; others n=1 x "
-          f"{args.light_tokens}), prompts {args.prompt_tokens} tokens, {args.concurrency} clients, pd mode with "
-          f"2 Decode replicas, routing stats every {args.stats_period_s} s\n")  # fmt: skip
+            for run in range(1, args.runs + 1):
+                for router in routers if run % 2 else list(reversed(routers)):
+                    rows.append({**run_router(router, ckpt, port, reqs, args), "run": run})
+                    print(table(rows[-1:]), flush=True)
+    print(f"\nCPU: {cpu_model()}; checkpoint {args.checkpoint or 'demo model, random weights'}; {args.requests} "
+          f"requests (1 in 4 heavy: n=4 x {args.heavy_tokens} tokens; others n=1 x {args.light_tokens}), prompts "
+          f"{args.prompt_tokens} tokens, {args.concurrency} clients, pd mode with 2 Decode replicas, routing stats "
+          f"every {args.stats_period_s} s; load average {os.getloadavg()[0]:.2f} at the end\n")  # fmt: skip
     print(table(rows))
+    if args.runs > 1:
+        print("\n" + summary(rows, routers))
+
+
+def summary(rows: list[dict], routers: list[str]) -> str:
+    """Medians over the runs with their ranges, per router."""
+    out = ["| router | runs | tokens max/mean | wall s | output tok/s | TTFT p50 ms | TTFT p99 ms |",
+           "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for router in routers:
+        rs = [r for r in rows if r["router"] == router]
+        tmm = []
+        for r in rs:
+            toks = [p["tokens"] for p in r["per"]]
+            tmm.append(max(toks) / (sum(toks) / len(toks)) if sum(toks) else float("nan"))
+        walls = [r["wall_s"] for r in rs]
+        out.append(f"| {router} | {len(rs)} | {med_range(tmm, '.2f')} | {med_range(walls, '.1f')} | "
+                   f"{med_range([r['tokens'] / r['wall_s'] for r in rs], ',.0f')} | "
+                   f"{med_range([pct(r['ttft'], 50) for r in rs], '.0f')} | "
+                   f"{med_range([pct(r['ttft'], 99) for r in rs], '.0f')} |")  # fmt: skip
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
