@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import resource
 import statistics
@@ -46,6 +45,7 @@ import torch
 from torch import nn
 
 import ernie_platform.kernels.moe as kmoe
+from benchmarks.machine import cpu_model
 from ernie_platform.kernels.moe import expert_flops, moe_experts
 from ernie_platform.models.config import ErnieModelArgs, MoEConfig
 from ernie_platform.models.moe import MoEBlock
@@ -433,16 +433,6 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def code_revision() -> str:

@@ -73,6 +73,8 @@ from typing import Any, Iterator
 if __package__ in (None, ""):  # `python benchmarks/serve_load.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.machine import cpu_model  # noqa: E402
+
 TARGET_SPEEDUP = 3.0
 TARGET_TTFT_MS = 50.0
 # Ray Serve apps: system -> (route prefix, overrides)
@@ -106,17 +108,6 @@ class Level:
     @property
     def req_s(self) -> float:
         return self.requests / self.wall_s if self.wall_s else 0.0
-
-
-def cpu_model() -> str:
-    """The CPU's model name (`/proc/cpuinfo`), for the tables: machines of this class differ from week to week."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def pct(xs: list[float], q: float) -> float:

@@ -38,7 +38,8 @@ from typing import Any
 if __package__ in (None, ""):  # `python benchmarks/serve_routing.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.serve_load import cpu_model, local_serve, med_range, pct, stream_completion  # noqa: E402
+from benchmarks.machine import cpu_model  # noqa: E402
+from benchmarks.serve_load import local_serve, med_range, pct, stream_completion  # noqa: E402
 
 
 def workload(args: argparse.Namespace) -> list[dict[str, Any]]:

@@ -314,10 +314,9 @@ def machine_line() -> str:
     import ray
     import torch
 
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = "unknown CPU"
+    from benchmarks.machine import cpu_model
+
+    cpu = cpu_model()
     return (
         f"{os.cpu_count()} logical CPUs ({cpu}), torch {torch.__version__}, Ray {ray.__version__}, "
         f"DeepSpeed {deepspeed.__version__}"

@@ -123,3 +123,65 @@ async def sse_outcome(ac: openai.AsyncOpenAI, args: dict) -> str:
     if toks == args["max_tokens"] and finish == ["length"]:
         return "ok"
     return f"truncated: {toks}/{args['max_tokens']} tokens, finish {finish}, then [DONE] without an error"
+
+
+def kill_replica_under_load(base_url: str, app: str, deployment: str, prompt: str, recover_s: float) -> None:
+    """Kill one replica of `deployment` while 12 requests run (a quarter non-streamed, the rest streamed and read off
+    the wire): each must complete or fail cleanly (an HTTP error, or an SSE error event then `[DONE]`), none may hang
+    or be cut short silently; then Serve's replacement replica must serve again within `recover_s`."""
+    import asyncio
+    import time
+
+    import ray
+    from ray import serve
+
+    handle = serve.get_deployment_handle(deployment, app_name=app)
+    victim = handle.actor_name.remote().result(timeout_s=TIMEOUT)
+    outcomes: list[str] = []
+    args = dict(model=MODEL, prompt=prompt, temperature=0, max_tokens=200, extra_body={"ignore_eos": True})
+    stream_args = {**args, "extra_body": {"ignore_eos": True, "return_token_ids": True}}
+
+    async def run() -> None:
+        ac = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="x", timeout=TIMEOUT, max_retries=0)
+
+        async def one(i: int) -> str:
+            try:
+                if i % 4 == 0:
+                    r = await ac.completions.create(**args)
+                    return "ok" if r.usage.completion_tokens == 200 else "short"
+                return await sse_outcome(ac, stream_args)
+            except openai.APITimeoutError:
+                return "hung"
+            except openai.APIStatusError as e:  # an HTTP error before the stream started
+                return f"error:{e.status_code}"
+            except openai.APIError as e:  # the connection broke: not a clean end either
+                return f"broken:{type(e).__name__}"
+
+        async def killer() -> None:
+            await asyncio.sleep(1.0)  # the streams are running
+            ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+
+        try:
+            outcomes.extend(await asyncio.gather(*(one(i) for i in range(12)), killer()))
+        finally:
+            await ac.close()
+
+    t0 = time.time()
+    asyncio.run(run())
+    outcomes = [o for o in outcomes if o is not None]
+    print(f"\n[kill] outcomes: {sorted(outcomes)}")
+    assert len(outcomes) == 12, outcomes
+    assert all(o == "ok" or o.startswith("error:") for o in outcomes), outcomes
+    assert time.time() - t0 < TIMEOUT
+    c = openai.OpenAI(base_url=f"{base_url}/v1", api_key="x", timeout=TIMEOUT, max_retries=0)
+    deadline = time.time() + recover_s
+    while True:  # Serve replaces the replica; the first requests may still land on the dead one
+        try:
+            r = c.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=8,
+                                     extra_body={"ignore_eos": True, "return_token_ids": True})  # fmt: skip
+            break
+        except openai.APIStatusError:
+            assert time.time() < deadline, "the app did not recover"
+            time.sleep(1.0)
+    assert len(r.choices[0].token_ids) == 8
+    assert handle.actor_name.remote().result(timeout_s=TIMEOUT) != victim

@@ -15,12 +15,11 @@ from typing import Any
 import openai
 import pytest
 import ray
-from serve_cases import BAD, BAD_CHAT, MODEL, TIMEOUT
+from serve_cases import BAD, BAD_CHAT, MODEL, TIMEOUT, kill_replica_under_load
 from serve_cases import assert_error as _assert_error
 from serve_cases import free_port as _free_port
 from serve_cases import hf_greedy as _hf_greedy
 from serve_cases import post as _post
-from serve_cases import sse_outcome as _sse_outcome
 from serve_cases import stream_text as _stream_text
 
 from ernie_platform.models import load_tokenizer
@@ -324,55 +323,5 @@ def test_client_disconnect_aborts_the_request(urls: dict, mode: str, deployment:
 def test_decode_replica_killed_under_load(urls: dict) -> None:
     """Kill the Decode replica while streams run: each request completes or fails cleanly (an HTTP error, or an SSE
     error event then `[DONE]`), none hangs, no stream is silently cut short, and Serve's replacement replica serves
-    again."""
-    from ray import serve
-
-    decode = serve.get_deployment_handle("Decode", app_name="pd")
-    victim = decode.actor_name.remote().result(timeout_s=TIMEOUT)
-    outcomes: list[str] = []
-    args = dict(model=MODEL, prompt=LONG, temperature=0, max_tokens=200, extra_body={"ignore_eos": True})
-    stream_args = {**args, "extra_body": {"ignore_eos": True, "return_token_ids": True}}
-
-    async def run() -> None:
-        ac = openai.AsyncOpenAI(base_url=f"{urls['pd']}/v1", api_key="x", timeout=TIMEOUT, max_retries=0)
-
-        async def one(i: int) -> str:
-            try:
-                if i % 4 == 0:
-                    r = await ac.completions.create(**args)
-                    return "ok" if r.usage.completion_tokens == 200 else "short"
-                return await _sse_outcome(ac, stream_args)
-            except openai.APITimeoutError:
-                return "hung"
-            except openai.APIStatusError as e:  # an HTTP error before the stream started
-                return f"error:{e.status_code}"
-            except openai.APIError as e:  # the connection broke: not a clean end either
-                return f"broken:{type(e).__name__}"
-
-        async def killer() -> None:
-            await asyncio.sleep(1.0)  # the streams are running
-            ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
-
-        try:
-            outcomes.extend(await asyncio.gather(*(one(i) for i in range(12)), killer()))
-        finally:
-            await ac.close()
-
-    t0 = time.time()
-    asyncio.run(run())
-    outcomes = [o for o in outcomes if o is not None]
-    print(f"\n[kill] outcomes: {sorted(outcomes)}")
-    assert len(outcomes) == 12, outcomes
-    assert all(o == "ok" or o.startswith("error:") for o in outcomes), outcomes
-    assert time.time() - t0 < TIMEOUT
-    c = _client(urls, "pd")
-    deadline = time.time() + TIMEOUT
-    while True:  # Serve replaces the replica; the first requests may still land on the dead one
-        try:
-            r = c.completions.create(model=MODEL, prompt=LONG, **GREEDY)
-            break
-        except openai.APIStatusError:
-            assert time.time() < deadline, "the app did not recover"
-            time.sleep(1.0)
-    assert len(r.choices[0].token_ids) == 8
-    assert decode.actor_name.remote().result(timeout_s=TIMEOUT) != victim
+    again (the API key is on the colocated app only, so the keyless client of the helper fits the pd app)."""
+    kill_replica_under_load(urls["pd"], "pd", "Decode", LONG, TIMEOUT)

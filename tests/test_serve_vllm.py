@@ -10,16 +10,13 @@ about 30 s here (torch.compile would add about a minute per replica; the benchma
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
-import ray
 import torch
 from conftest import TINY_MOE_ARGS
 from serve_cases import (
@@ -30,8 +27,8 @@ from serve_cases import (
     assert_error,
     free_port,
     hf_greedy,
+    kill_replica_under_load,
     post,
-    sse_outcome,
     stream_text,
 )
 
@@ -251,58 +248,7 @@ def test_metrics_and_routing_stats(urls: dict) -> None:
 def test_engine_replica_killed_under_load(urls: dict) -> None:
     """Kill the vLLM Engine replica while streams run: each request completes or fails cleanly, none hangs, no
     stream is silently cut short, and Serve's replacement replica (a new vLLM engine) serves again."""
-    from ray import serve
-
-    engine = serve.get_deployment_handle("Engine", app_name="vllm-tiny")
-    victim = engine.actor_name.remote().result(timeout_s=TIMEOUT)
-    outcomes: list[str] = []
-    args = dict(model=MODEL, prompt=LONG, temperature=0, max_tokens=200, extra_body={"ignore_eos": True})
-    stream_args = {**args, "extra_body": {"ignore_eos": True, "return_token_ids": True}}
-
-    async def run() -> None:
-        ac = openai.AsyncOpenAI(base_url=f"{urls['tiny']}/v1", api_key="x", timeout=TIMEOUT, max_retries=0)
-
-        async def one(i: int) -> str:
-            try:
-                if i % 4 == 0:
-                    r = await ac.completions.create(**args)
-                    return "ok" if r.usage.completion_tokens == 200 else "short"
-                return await sse_outcome(ac, stream_args)
-            except openai.APITimeoutError:
-                return "hung"
-            except openai.APIStatusError as e:
-                return f"error:{e.status_code}"
-            except openai.APIError as e:
-                return f"broken:{type(e).__name__}"
-
-        async def killer() -> None:
-            await asyncio.sleep(1.0)
-            ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
-
-        try:
-            outcomes.extend(await asyncio.gather(*(one(i) for i in range(12)), killer()))
-        finally:
-            await ac.close()
-
-    t0 = time.time()
-    asyncio.run(run())
-    outcomes = [o for o in outcomes if o is not None]
-    print(f"\n[kill] outcomes: {sorted(outcomes)}")
-    assert len(outcomes) == 12, outcomes
-    assert all(o == "ok" or o.startswith("error:") for o in outcomes), outcomes
-    assert time.time() - t0 < TIMEOUT
-    c = _client(urls, "tiny")
-    deadline = time.time() + 2 * TIMEOUT
-    while True:  # Serve replaces the replica (a fresh vLLM engine start); early requests may hit the dead one
-        try:
-            r = c.completions.create(model=MODEL, prompt=LONG, temperature=0, max_tokens=8,
-                                     extra_body={"ignore_eos": True, "return_token_ids": True})  # fmt: skip
-            break
-        except openai.APIStatusError:
-            assert time.time() < deadline, "the app did not recover"
-            time.sleep(2.0)
-    assert len(r.choices[0].token_ids) == 8
-    assert engine.actor_name.remote().result(timeout_s=TIMEOUT) != victim
+    kill_replica_under_load(urls["tiny"], "vllm-tiny", "Engine", LONG, 2 * TIMEOUT)
 
 
 def test_driver_refuses_what_the_vllm_backend_cannot_serve(tiny_moe_ckpt: Path, tmp_path: Path) -> None:

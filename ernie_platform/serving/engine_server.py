@@ -20,7 +20,7 @@ import time
 from typing import Any, AsyncIterator, Optional, Union
 
 from ernie_platform.inference import AsyncEngine, Engine, MMInputs, PrefillResult, SamplingParams
-from ernie_platform.serving.engines import replica_identity
+from ernie_platform.serving.engines import STREAM_END, coalesced, replica_identity
 from ernie_platform.serving.metrics import engine_gauges
 from ernie_platform.serving.responses import KVRef, Tok
 
@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 DTYPES = ("float32", "bfloat16", "float16")
 PREFILL_BATCH = 16  # prompts per batched prefill forward on a prefill replica
 PREFILL_BATCH_TOKENS = 8192  # and at most about this many prompt tokens
-_END = object()
 
 
 def build_engine(model_path: Optional[str], engine_cfg: dict[str, Any], role: str) -> Engine:
@@ -153,28 +152,18 @@ class EngineServer:
                 self._arriving.pop(request_id, None)
                 async for ev in self.aeng.generate(request_id, prompt, params, mm):
                     q.put_nowait(ev)
-                q.put_nowait(_END)
+                q.put_nowait(STREAM_END)
             except BaseException as e:  # noqa: B036 - handed to the consumer, which re-raises it
                 q.put_nowait(e)
 
         task = asyncio.create_task(pump())
-        loop = asyncio.get_running_loop()
-        last = 0.0
         self._active += 1
         try:
-            while True:
-                items = [await q.get()]
-                # Several streams at once: hold this stream's tokens until `stream_interval_s` after its last
-                # message, so each message carries several (serve.engine.stream_interval_ms). One alone is never held.
-                wait = last + self.stream_interval_s - loop.time()
-                if self._active > 1 and wait > 0 and items[0] is not _END and not isinstance(items[0], BaseException):
-                    await asyncio.sleep(wait)
-                while not q.empty():
-                    items.append(q.get_nowait())
+            async for items in coalesced(q, self.stream_interval_s, lambda: self._active > 1):
                 out: list[Tok] = []
                 end = False
                 for it in items:
-                    if it is _END:
+                    if it is STREAM_END:
                         end = True
                     elif isinstance(it, BaseException):
                         raise it
@@ -183,7 +172,6 @@ class EngineServer:
                                        self.engine.token_text(it.token_id) if want_tokens else None))  # fmt: skip
                 if out:
                     yield out
-                    last = loop.time()
                 if end:
                     return
         finally:

@@ -12,9 +12,10 @@ through the methods of `EngineReplica`.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.util
-from typing import Any, AsyncIterator, Optional, Protocol
+from typing import Any, AsyncIterator, Callable, Optional, Protocol
 
 from ernie_platform.inference import SamplingParams
 from ernie_platform.serving.responses import Tok
@@ -55,6 +56,28 @@ class EngineReplica(Protocol):
     def check_health(self) -> None:
         """Raise when the replica cannot serve (Serve then replaces it)."""
         ...
+
+
+STREAM_END = object()  # the last item an engine replica's per-request queue receives
+
+
+async def coalesced(q: asyncio.Queue, interval_s: float, crowded: Callable[[], bool]) -> AsyncIterator[list[Any]]:
+    """The items of one request's queue as lists, as the replica sends them (`serve.engine.stream_interval_ms`):
+    whatever has arrived, and, while `crowded()` (several streams on the replica), not sooner than `interval_s`
+    after the previous list, so each message carries several tokens (fewer hops per token through Serve, the
+    ingress and the proxy). A lone stream is never held. `STREAM_END` or an exception ends the list it is in."""
+    loop = asyncio.get_running_loop()
+    last = 0.0
+    while True:
+        items = [await q.get()]
+        wait = last + interval_s - loop.time()
+        final = items[0] is STREAM_END or isinstance(items[0], BaseException)
+        if wait > 0 and not final and crowded():
+            await asyncio.sleep(wait)
+        while not q.empty():
+            items.append(q.get_nowait())
+        yield items
+        last = loop.time()
 
 
 def engine_class(backend: str) -> type:

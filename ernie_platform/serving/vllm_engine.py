@@ -36,11 +36,10 @@ from typing import Any, AsyncIterator, Optional
 
 from ernie_platform.inference import SamplingParams
 from ernie_platform.inference.detokenize import token_text
-from ernie_platform.serving.engines import replica_identity
+from ernie_platform.serving.engines import STREAM_END, coalesced, replica_identity
 from ernie_platform.serving.responses import Tok
 
 log = logging.getLogger(__name__)
-_END = object()
 
 
 def vllm_environment(vcfg: dict[str, Any], device: str) -> dict[str, str]:
@@ -254,27 +253,17 @@ class VLLMEngineServer:
                 async for out in self.llm.generate({"prompt_token_ids": prompt}, sp, request_id):
                     self._arriving.pop(request_id, None)  # scheduled: vLLM's stats count it from here
                     q.put_nowait(out)
-                q.put_nowait(_END)
+                q.put_nowait(STREAM_END)
             except BaseException as e:  # noqa: B036 - handed to the consumer, which re-raises it
                 q.put_nowait(e)
 
         task = asyncio.create_task(pump())
-        loop = asyncio.get_running_loop()
-        last = 0.0
         try:
-            while True:
-                items = [await q.get()]
-                # Several streams at once: hold this stream's tokens until `stream_interval_s` after its last
-                # message, so each message carries several (serve.engine.stream_interval_ms). One alone is never held.
-                wait = last + self.stream_interval_s - loop.time()
-                if self._active > 1 and wait > 0 and items[0] is not _END and not isinstance(items[0], BaseException):
-                    await asyncio.sleep(wait)
-                while not q.empty():
-                    items.append(q.get_nowait())
+            async for items in coalesced(q, self.stream_interval_s, lambda: self._active > 1):
                 toks: list[Tok] = []
                 end = False
                 for out in items:
-                    if out is _END:
+                    if out is STREAM_END:
                         end = True
                         break
                     if isinstance(out, BaseException):
@@ -291,7 +280,6 @@ class VLLMEngineServer:
                 if toks:
                     self._counters["tokens_generated"] += len(toks)
                     yield toks
-                    last = loop.time()
                 if end:
                     self._counters["requests_finished"] += 1
                     return
