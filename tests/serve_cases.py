@@ -15,6 +15,8 @@ import torch
 
 MODEL = "ckpt"  # derived from the checkpoint directory's name
 TIMEOUT = 120.0
+SHORT, LONG = "Hi", "The quick brown fox jumps over the lazy dog."  # 2 and 44 tokens: local vs disaggregated prefill
+PARITY = dict(temperature=0, max_tokens=8, extra_body={"return_token_ids": True})  # stops at EOS, as transformers
 
 
 def free_port() -> int:
@@ -185,3 +187,51 @@ def kill_replica_under_load(base_url: str, app: str, deployment: str, prompt: st
             time.sleep(1.0)
     assert len(r.choices[0].token_ids) == 8
     assert handle.actor_name.remote().result(timeout_s=TIMEOUT) != victim
+
+
+def check_models_health_and_greedy_parity(base_urls: list[str], clients: list[openai.OpenAI], ckpt: Path) -> None:
+    """Each app lists the model and is healthy; its greedy completions (a short and a long prompt) and a chat answer
+    equal transformers' `generate` on the checkpoint (each reference computed once for all the apps)."""
+    from ernie_platform.models import load_tokenizer
+    from ernie_platform.serving.chat import encode_chat, render_chat
+
+    tok = load_tokenizer(ckpt)
+    for url, c in zip(base_urls, clients):
+        assert [m.id for m in c.models.list().data] == [MODEL]
+        with urllib.request.urlopen(f"{url}/health", timeout=TIMEOUT) as r:
+            assert json.loads(r.read())["status"] == "ok"
+    for prompt in (SHORT, LONG):
+        ref = hf_greedy(ckpt, tok.encode(prompt), 8)
+        for url, c in zip(base_urls, clients):
+            r = c.completions.create(model=MODEL, prompt=prompt, **PARITY)
+            assert r.choices[0].token_ids == ref, (url, prompt)
+            assert r.choices[0].text == tok.decode(ref, skip_special_tokens=True)
+            assert r.choices[0].finish_reason == ("stop" if ref[-1] == tok.eos_token_id else "length")
+            assert r.usage.prompt_tokens == len(tok.encode(prompt)) and r.usage.completion_tokens == len(ref)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": LONG}]
+    ids = encode_chat(tok, render_chat(tok, messages, enable_thinking=False))
+    assert ids == tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    ref = hf_greedy(ckpt, ids, 8)
+    for c in clients:
+        r = c.chat.completions.create(model=MODEL, messages=messages, **PARITY)
+        assert r.choices[0].token_ids == ref and r.choices[0].message.role == "assistant"
+        assert r.usage.prompt_tokens == len(ids)
+
+
+def check_streamed_equals_non_streamed(c: openai.OpenAI) -> None:
+    """Greedy streamed completions and chat concatenate to the non-streamed text, with usage last and the finish
+    reason on the last choice chunk."""
+    args = dict(model=MODEL, temperature=0, max_tokens=24, extra_body={"ignore_eos": True})
+    for prompt in (SHORT, LONG):
+        whole = c.completions.create(prompt=prompt, **args).choices[0].text
+        text, chunks = stream_text(c.completions.create(prompt=prompt, stream=True,
+                                                        stream_options={"include_usage": True}, **args))  # fmt: skip
+        assert text == whole
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 24
+        assert [ch.finish_reason for ch in chunks[-2].choices] == ["length"]
+    msgs = [{"role": "user", "content": LONG}]
+    whole = c.chat.completions.create(messages=msgs, **args).choices[0].message.content
+    text, chunks = stream_text(c.chat.completions.create(messages=msgs, stream=True, **args))
+    assert text == whole
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].usage is None

@@ -15,12 +15,20 @@ from typing import Any
 import openai
 import pytest
 import ray
-from serve_cases import BAD, BAD_CHAT, MODEL, TIMEOUT, kill_replica_under_load
+from serve_cases import (
+    BAD,
+    BAD_CHAT,
+    LONG,
+    MODEL,
+    SHORT,
+    TIMEOUT,
+    check_models_health_and_greedy_parity,
+    check_streamed_equals_non_streamed,
+    kill_replica_under_load,
+)
 from serve_cases import assert_error as _assert_error
 from serve_cases import free_port as _free_port
-from serve_cases import hf_greedy as _hf_greedy
 from serve_cases import post as _post
-from serve_cases import stream_text as _stream_text
 
 from ernie_platform.models import load_tokenizer
 from ernie_platform.serving.chat import encode_chat, render_chat
@@ -28,9 +36,7 @@ from ernie_platform.serving.chat import encode_chat, render_chat
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 KEY = "sk-test-key"
-SHORT, LONG = "Hi", "The quick brown fox jumps over the lazy dog."  # 2 and 44 tokens: local vs disaggregated prefill
 GREEDY = dict(temperature=0, max_tokens=8, extra_body={"ignore_eos": True, "return_token_ids": True})
-PARITY = dict(temperature=0, max_tokens=8, extra_body={"return_token_ids": True})  # stops at EOS, as transformers
 
 
 @pytest.fixture(scope="module")
@@ -66,46 +72,13 @@ def _client(urls: dict, mode: str, **kw: Any) -> openai.OpenAI:
 
 
 def test_models_health_and_greedy_parity_with_transformers(urls: dict, ckpt: Path) -> None:
-    tok = load_tokenizer(ckpt)
-    for mode in ("pd", "colo"):
-        assert [m.id for m in _client(urls, mode).models.list().data] == [MODEL]
-        with urllib.request.urlopen(f"{urls[mode]}/health", timeout=TIMEOUT) as r:
-            assert json.loads(r.read())["status"] == "ok"
-    for prompt in (SHORT, LONG):
-        ref = _hf_greedy(ckpt, tok.encode(prompt), 8)
-        for mode in ("pd", "colo"):
-            r = _client(urls, mode).completions.create(model=MODEL, prompt=prompt, **PARITY)
-            assert r.choices[0].token_ids == ref, (mode, prompt)
-            assert r.choices[0].text == tok.decode(ref, skip_special_tokens=True)
-            assert r.choices[0].finish_reason == ("stop" if ref[-1] == tok.eos_token_id else "length")
-            assert r.usage.prompt_tokens == len(tok.encode(prompt)) and r.usage.completion_tokens == len(ref)
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": LONG}]
-    ids = encode_chat(tok, render_chat(tok, messages, enable_thinking=False))
-    assert ids == tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-    ref = _hf_greedy(ckpt, ids, 8)
-    for mode in ("pd", "colo"):
-        r = _client(urls, mode).chat.completions.create(model=MODEL, messages=messages, **PARITY)
-        assert r.choices[0].token_ids == ref and r.choices[0].message.role == "assistant"
-        assert r.usage.prompt_tokens == len(ids)
+    modes = ("pd", "colo")
+    check_models_health_and_greedy_parity([urls[m] for m in modes], [_client(urls, m) for m in modes], ckpt)
 
 
 @pytest.mark.parametrize("mode", ["pd", "colo"])
 def test_streamed_equals_non_streamed(urls: dict, mode: str) -> None:
-    c = _client(urls, mode)
-    args = dict(model=MODEL, temperature=0, max_tokens=24, extra_body={"ignore_eos": True})
-    for prompt in (SHORT, LONG):
-        whole = c.completions.create(prompt=prompt, **args).choices[0].text
-        text, chunks = _stream_text(c.completions.create(prompt=prompt, stream=True,
-                                                         stream_options={"include_usage": True}, **args))  # fmt: skip
-        assert text == whole
-        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 24
-        assert [ch.finish_reason for ch in chunks[-2].choices] == ["length"]
-    msgs = [{"role": "user", "content": LONG}]
-    whole = c.chat.completions.create(messages=msgs, **args).choices[0].message.content
-    text, chunks = _stream_text(c.chat.completions.create(messages=msgs, stream=True, **args))
-    assert text == whole
-    assert chunks[0].choices[0].delta.role == "assistant"
-    assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].usage is None
+    check_streamed_equals_non_streamed(_client(urls, mode))
 
 
 def test_sse_framing_on_the_wire(urls: dict) -> None:

